@@ -1,0 +1,1 @@
+"""Accelerate launch profiles shipped with trl_safety (`--accelerate_config NAME`)."""

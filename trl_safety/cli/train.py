@@ -1,0 +1,175 @@
+"""Training script behind `trl-safety align` and `trl-safety sft`, shaped like TRL's `trl/scripts/sft.py`.
+
+```bash
+# alignment stage (model provider): Vaccine on a local refusal file, LoRA
+trl-safety align --defense vaccine --model_name_or_path meta-llama/Llama-2-7b-hf \
+    --dataset_name data/refusals.jsonl --use_peft --lora_r 8 --output_dir vaccine-aligned
+
+# fine-tuning stage (service): Lisa on the customer's data, 2 GPUs with DeepSpeed ZeRO-2
+trl-safety sft --defense lisa --accelerate_config zero2 --model_name_or_path vaccine-aligned-merged \
+    --dataset_name customer.jsonl --alignment_dataset_name data/refusals.jsonl --output_dir lisa-run
+```
+
+Arguments not known to the training dataclasses (e.g. `--num_processes 2`) go to `accelerate launch`; with any of
+them, or with `--accelerate_config`, the script re-launches itself through accelerate, as `trl sft` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+
+STAGE_OF_COMMAND = {"align": ("alignment",), "sft": ("fine-tuning",)}
+
+
+def _pop_defense(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Take `--defense NAME` (or `--defense=NAME`) out of argv."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--defense", default=None)
+    known, rest = parser.parse_known_args(argv)
+    return known.defense, rest
+
+
+def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """`items` without the ordered `subsequence` (the accelerate arguments), keeping everything else in order."""
+    remaining = iter(subsequence)
+    current = next(remaining, None)
+    result = []
+    for item in items:
+        if current is not None and item == current:
+            current = next(remaining, None)
+        else:
+            result.append(item)
+    return result
+
+
+def resolve_accelerate_config(name: str) -> str:
+    """A file path, or a profile name shipped in `trl_safety/accelerate_configs` (then in TRL's)."""
+    if Path(name).is_file():
+        return name
+    for package in ("trl_safety.accelerate_configs", "trl.accelerate_configs"):
+        candidate = resources.files(package).joinpath(f"{name}.yaml")
+        if candidate.is_file():
+            return str(candidate)
+    bundled = sorted(p.name[:-5] for p in resources.files("trl_safety.accelerate_configs").iterdir() if p.name.endswith(".yaml"))
+    raise ValueError(
+        f"Accelerate config {name!r} is neither a file nor a bundled profile. Bundled: {', '.join(bundled) or 'none'}."
+    )
+
+
+def make_parser(config_class=None, prog: str | None = None):
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    return TrlParser((ScriptArguments, config_class or SFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+
+
+def build_trainer(script_args, training_args, model_args, dataset_args, defense: str | None):
+    """The trainer a TRL script would build, with the defense's trainer class swapped in."""
+    from datasets import load_dataset
+    from trl import SFTTrainer, get_dataset, get_peft_config, get_quantization_config
+
+    from trl_safety.data.loading import load_named_dataset
+    from trl_safety.registry import get_defense
+
+    trainer_class = SFTTrainer if defense is None else get_defense(defense).trainer_class
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        if os.path.exists(script_args.dataset_name):
+            dataset = {script_args.dataset_train_split: load_named_dataset(script_args.dataset_name, split=None)}
+        else:
+            dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+    else:
+        raise ValueError("Either `datasets` or `dataset_name` must be provided.")
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(f"The training data has no split {script_args.dataset_train_split!r}: {list(dataset)}.")
+
+    return trainer_class(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+
+
+def main(script_args, training_args, model_args, dataset_args, defense: str | None = None) -> None:
+    import transformers
+    from packaging.version import Version
+
+    trainer = build_trainer(script_args, training_args, model_args, dataset_args, defense)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if Version(transformers.__version__) >= Version("5.18.0"):
+        trainer.end()
+
+
+def _config_class(defense: str | None, command: str | None):
+    from trl import SFTConfig
+
+    from trl_safety.registry import get_defense
+
+    if defense is None:
+        if command == "align":
+            raise SystemExit("trl-safety align: choose an alignment-stage defense with --defense.")
+        return SFTConfig
+    spec = get_defense(defense)
+    allowed = STAGE_OF_COMMAND.get(command)
+    if spec.trainer_class is None:
+        raise SystemExit(f"Defense {defense!r} is a post-hoc repair; run it with `trl-safety prune`.")
+    if allowed is not None and spec.stage not in allowed:
+        right = "align" if spec.stage == "alignment" else "sft"
+        raise SystemExit(f"Defense {defense!r} runs at the {spec.stage} stage; use `trl-safety {right}`.")
+    return spec.config_class
+
+
+def run(argv: list[str], prog: str = "trl-safety sft", command: str | None = "sft") -> int:
+    defense, rest = _pop_defense(argv)
+    parser = make_parser(_config_class(defense, command), prog=prog)
+    *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
+        rest, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    launch_args = config_remaining + cli_remaining
+    if launch_args:
+        # Re-launch this file through `accelerate launch` with the remaining (accelerate) arguments
+        from accelerate.commands.launch import launch_command, launch_command_parser
+
+        if "--accelerate_config" in launch_args:
+            index = launch_args.index("--accelerate_config")
+            if index + 1 >= len(launch_args):
+                raise SystemExit("Expected a value after --accelerate_config.")
+            config_file = resolve_accelerate_config(launch_args[index + 1])
+            launch_args = ["--config_file", config_file, *launch_args[:index], *launch_args[index + 2 :]]
+        script_args = _subtract_subsequence(rest, cli_remaining)
+        if defense is not None:
+            script_args = ["--defense", defense, *script_args]
+        accelerate_args = launch_command_parser().parse_args([*launch_args, __file__, *script_args])
+        launch_command(accelerate_args)
+        return 0
+    main(*parsed, defense=defense)
+    return 0
+
+
+if __name__ == "__main__":  # entry point under `accelerate launch`
+    defense, rest = _pop_defense(sys.argv[1:])
+    parser = make_parser(_config_class(defense, None))
+    parsed = parser.parse_args_and_config(rest)
+    main(*parsed, defense=defense)

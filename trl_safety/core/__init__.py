@@ -1,0 +1,43 @@
+"""Mechanics shared by the defenses: layer lookup, hooks, snapshots, probe losses, the trainer mixin."""
+
+from .batches import CyclingBatches, EpochPermutationSampler
+from .config import AlignmentDataArguments, HarmfulDataArguments, check_range, defense_field_names, upgrade_config
+from .distributed import backend_name, deepspeed_zero_stage, gathered
+from .hooks import add_to_outputs, capture_outputs, first_tensor, gradient_checkpointing_disabled, replace_first
+from .layers import find_modules, get_attention_modules, get_decoder_layers, unwrap_model
+from .losses import is_packed_batch, lm_forward, lm_loss, per_sample_nll, per_sample_token_mean_nll
+from .snapshot import ParameterSnapshot, trainable_parameters
+from .trainer import DEFENSE_STATE_NAME, DefenseTrainerMixin, check_trl_format
+
+
+__all__ = [
+    "DEFENSE_STATE_NAME",
+    "AlignmentDataArguments",
+    "CyclingBatches",
+    "DefenseTrainerMixin",
+    "EpochPermutationSampler",
+    "HarmfulDataArguments",
+    "ParameterSnapshot",
+    "add_to_outputs",
+    "backend_name",
+    "capture_outputs",
+    "check_range",
+    "check_trl_format",
+    "deepspeed_zero_stage",
+    "defense_field_names",
+    "find_modules",
+    "first_tensor",
+    "gathered",
+    "get_attention_modules",
+    "get_decoder_layers",
+    "gradient_checkpointing_disabled",
+    "is_packed_batch",
+    "lm_forward",
+    "lm_loss",
+    "per_sample_nll",
+    "per_sample_token_mean_nll",
+    "replace_first",
+    "trainable_parameters",
+    "unwrap_model",
+    "upgrade_config",
+]

@@ -1,0 +1,126 @@
+"""Structural lookup of decoder layers, attention modules and target linears on any HF causal LM.
+
+Nothing here matches class names: layers are found through `get_decoder().layers` (or the `base_model_prefix`
+backbone), attention through an attribute name (`self_attn` by default), and other modules through a PEFT-style
+`target_modules` pattern. Every function accepts the bare model, a `PeftModel`, or a DDP/DeepSpeed wrapper.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip distributed wrappers (DDP, DeepSpeedEngine, torch.compile) and PEFT's wrappers down to the HF model."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine", "DataParallel") and hasattr(
+            model, "module"
+        ):
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PeftModel
+            model = model.get_base_model()
+        # LoraModel / tuner wrappers expose the wrapped model as `.model` and carry `peft_config`
+        elif hasattr(model, "peft_config") and isinstance(getattr(model, "model", None), nn.Module):
+            model = model.model
+    return model
+
+
+def _resolve_path(root: nn.Module, path: str) -> object:
+    obj = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(part)
+        obj = getattr(obj, part)
+    return obj
+
+
+def get_decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleList:
+    """Return the list of decoder layers of a causal LM.
+
+    Args:
+        model: the model, possibly wrapped by PEFT or a distributed engine.
+        layers_path: optional dotted path from the unwrapped model to the layer list (e.g. `"transformer.h"`),
+            for custom models whose layers cannot be found structurally.
+    """
+    base = unwrap_model(model)
+    if layers_path is not None:
+        try:
+            layers = _resolve_path(base, layers_path)
+        except AttributeError as exc:
+            raise ValueError(
+                f"`layers_path={layers_path!r}` does not resolve on {type(base).__name__} (missing attribute {exc})."
+            ) from None
+        if not isinstance(layers, (nn.ModuleList, Sequence)) or len(layers) == 0:
+            raise ValueError(f"`layers_path={layers_path!r}` on {type(base).__name__} is not a non-empty module list.")
+        return layers
+
+    candidates = []
+    if hasattr(base, "get_decoder"):
+        try:
+            candidates.append(base.get_decoder())
+        except (AttributeError, NotImplementedError, TypeError):
+            pass
+    prefix = getattr(base, "base_model_prefix", None)
+    if prefix and isinstance(getattr(base, prefix, None), nn.Module):
+        candidates.append(getattr(base, prefix))
+    candidates.append(base)
+    for candidate in candidates:
+        # Vision-language wrappers expose the text decoder one level further down
+        for holder in (candidate, getattr(candidate, "language_model", None)):
+            layers = getattr(holder, "layers", None) if holder is not None else None
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                return layers
+    raise ValueError(
+        f"Could not locate the decoder layers of {type(base).__name__}: neither `get_decoder().layers` nor "
+        f"`{prefix}.layers` is a module list. Pass the dotted path to the layer list explicitly "
+        "(the defense config's `layers_path`, e.g. `layers_path='transformer.h'`)."
+    )
+
+
+def get_attention_modules(
+    model: nn.Module, attention_attr: str = "self_attn", layers_path: str | None = None
+) -> list[nn.Module]:
+    """Return the attention module of every decoder layer (`layer.<attention_attr>`)."""
+    layers = get_decoder_layers(model, layers_path)
+    modules = []
+    for index, layer in enumerate(layers):
+        module = getattr(layer, attention_attr, None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                f"Decoder layer {index} of {type(unwrap_model(model)).__name__} ({type(layer).__name__}) has no "
+                f"attention submodule `{attention_attr}`. Set the defense config's `attention_attr` to the name "
+                "of the attention submodule, or give `target_modules` explicitly."
+            )
+        modules.append(module)
+    return modules
+
+
+def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith(f".{target}") for target in target_modules)
+
+
+def find_modules(
+    model: nn.Module, target_modules: str | Sequence[str], module_type: type | tuple[type, ...] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """Find modules by a PEFT-style pattern: a regex (full match on the qualified name) or a list of name suffixes.
+
+    Names are qualified from the unwrapped model (e.g. `model.layers.0.self_attn.q_proj`).
+    """
+    base = unwrap_model(model)
+    found = [
+        (name, module)
+        for name, module in base.named_modules()
+        if name and _matches(name, target_modules) and (module_type is None or isinstance(module, module_type))
+    ]
+    if not found:
+        raise ValueError(f"No module of {type(base).__name__} matches target_modules={target_modules!r}.")
+    return found

@@ -1,0 +1,66 @@
+"""Registry of defenses: a newcomer adds a defense by adding a folder that calls `register_defense`."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+
+
+STAGES = ("alignment", "fine-tuning", "post-fine-tuning")
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """What the CLI, the bench and the docs need to know about a defense.
+
+    Attributes:
+        name: registry name (`"vaccine"`, `"lisa"`, …), also the `--defense` CLI value.
+        stage: one of `alignment`, `fine-tuning`, `post-fine-tuning`.
+        config_class: the `XConfig` dataclass.
+        trainer_class: the `XTrainer` class, or None for post-hoc defenses.
+        post_hoc: for post-fine-tuning defenses, a callable `(model, dataset, config, **kwargs)` applying the repair.
+        unsupported_backends: backends (`ddp`, `zero2`, `zero3`, `fsdp`) where the defense refuses to run.
+        description: one line for `--help` and the docs.
+    """
+
+    name: str
+    stage: str
+    config_class: type
+    trainer_class: type | None = None
+    post_hoc: object | None = None
+    unsupported_backends: tuple[str, ...] = ()
+    description: str = ""
+
+
+_REGISTRY: dict[str, DefenseSpec] = {}
+
+
+def register_defense(spec: DefenseSpec) -> DefenseSpec:
+    if spec.stage not in STAGES:
+        raise ValueError(f"Defense {spec.name!r} has unknown stage {spec.stage!r}; expected one of {STAGES}.")
+    existing = _REGISTRY.get(spec.name)
+    if existing is not None and existing != spec:
+        raise ValueError(f"A different defense is already registered as {spec.name!r}.")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtin_defenses() -> None:
+    import trl_safety.defenses as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.ispkg:
+            importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+def get_defense(name: str) -> DefenseSpec:
+    _load_builtin_defenses()
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown defense {name!r}. Available: {', '.join(sorted(_REGISTRY)) or 'none'}.")
+    return _REGISTRY[name]
+
+
+def list_defenses(stage: str | None = None) -> list[DefenseSpec]:
+    _load_builtin_defenses()
+    return [spec for name, spec in sorted(_REGISTRY.items()) if stage is None or spec.stage == stage]
