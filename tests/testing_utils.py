@@ -35,7 +35,84 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-WORDS = ["the", "a", "an", "to", "of", "and", "in", "is", "it", "you", "that", "for", "on", "with", "as", "be", "this", "are", "can", "how", "what", "why", "please", "tell", "me", "write", "story", "poem", "about", "cat", "dog", "house", "tree", "river", "city", "music", "book", "game", "food", "water", "sun", "moon", "friend", "day", "night", "happy", "sad", "good", "bad", "great", "terrible", "movie", "film", "review", "positive", "negative", "sure", "here", "answer", "sorry", "cannot", "help", "request", "refuse", "safe", "unsafe", "placeholder", "item", "object", "build", "make", "find", "explain", "describe", "list", "step"]
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "to",
+    "of",
+    "and",
+    "in",
+    "is",
+    "it",
+    "you",
+    "that",
+    "for",
+    "on",
+    "with",
+    "as",
+    "be",
+    "this",
+    "are",
+    "can",
+    "how",
+    "what",
+    "why",
+    "please",
+    "tell",
+    "me",
+    "write",
+    "story",
+    "poem",
+    "about",
+    "cat",
+    "dog",
+    "house",
+    "tree",
+    "river",
+    "city",
+    "music",
+    "book",
+    "game",
+    "food",
+    "water",
+    "sun",
+    "moon",
+    "friend",
+    "day",
+    "night",
+    "happy",
+    "sad",
+    "good",
+    "bad",
+    "great",
+    "terrible",
+    "movie",
+    "film",
+    "review",
+    "positive",
+    "negative",
+    "sure",
+    "here",
+    "answer",
+    "sorry",
+    "cannot",
+    "help",
+    "request",
+    "refuse",
+    "safe",
+    "unsafe",
+    "placeholder",
+    "item",
+    "object",
+    "build",
+    "make",
+    "find",
+    "explain",
+    "describe",
+    "list",
+    "step",
+]
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
@@ -104,7 +181,9 @@ def build_model(arch: str = "llama", hidden: int = 32, layers: int = 2, seed: in
 
 def text_dataset(n: int = 8, seed: int = 0) -> Dataset:
     rng = random.Random(seed)
-    return Dataset.from_dict({"text": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))) for _ in range(n)]})
+    return Dataset.from_dict(
+        {"text": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))) for _ in range(n)]}
+    )
 
 
 def prompt_completion_dataset(n: int = 8, seed: int = 0) -> Dataset:

@@ -55,7 +55,9 @@ def resolve_accelerate_config(name: str) -> str:
         candidate = resources.files(package).joinpath(f"{name}.yaml")
         if candidate.is_file():
             return str(candidate)
-    bundled = sorted(p.name[:-5] for p in resources.files("trl_safety.accelerate_configs").iterdir() if p.name.endswith(".yaml"))
+    bundled = sorted(
+        p.name[:-5] for p in resources.files("trl_safety.accelerate_configs").iterdir() if p.name.endswith(".yaml")
+    )
     raise ValueError(
         f"Accelerate config {name!r} is neither a file nor a bundled profile. Bundled: {', '.join(bundled) or 'none'}."
     )

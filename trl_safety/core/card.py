@@ -81,7 +81,5 @@ def build_model_card(
         paper_title=paper.get("title"),
         paper_id=paper.get("id"),
         citation=paper.get("citation"),
-        versions={
-            name: _version(name) for name in ("trl-safety", "trl", "transformers", "peft", "torch", "datasets")
-        },
+        versions={name: _version(name) for name in ("trl-safety", "trl", "transformers", "peft", "torch", "datasets")},
     )

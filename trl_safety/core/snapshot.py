@@ -31,7 +31,8 @@ class ParameterSnapshot:
         self.params = dict(params)
         with torch.no_grad(), gathered(self.params.values()):
             self.tensors = {
-                name: param.detach().to(device=device or param.device, copy=True) for name, param in self.params.items()
+                name: param.detach().to(device=device or param.device, copy=True)
+                for name, param in self.params.items()
             }
 
     def __iter__(self) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:

@@ -47,10 +47,7 @@ def check_trl_format(dataset, role: str, text_field: str = "text") -> None:
         raise ValueError(f"The {role} dataset is empty.")
     columns = set(dataset.column_names)
     if not (
-        text_field in columns
-        or {"prompt", "completion"} <= columns
-        or "messages" in columns
-        or "input_ids" in columns
+        text_field in columns or {"prompt", "completion"} <= columns or "messages" in columns or "input_ids" in columns
     ):
         raise ValueError(f"The {role} dataset has columns {sorted(columns)}. {_TRL_FORMAT_HINT}")
 
@@ -270,4 +267,3 @@ class DefenseTrainerMixin:
             results=kwargs.get("results"),
         )
         card.save(os.path.join(self.args.output_dir, "README.md"))
-

@@ -78,7 +78,9 @@ def load_role_dataset(
         return adapter(role=role, split=split, config=config, num_samples=num_samples)
     dataset = load_named_dataset(name, config=config, split=split)
     if isinstance(dataset, DatasetDict):
-        raise ValueError(f"{name!r} has several splits ({list(dataset)}); choose one with the `*_dataset_split` field.")
+        raise ValueError(
+            f"{name!r} has several splits ({list(dataset)}); choose one with the `*_dataset_split` field."
+        )
     if num_samples is not None:
         if num_samples > len(dataset):
             raise ValueError(f"Asked for {num_samples} {role} samples but {name!r} has only {len(dataset)}.")
