@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 STAGES = ("alignment", "fine-tuning", "post-fine-tuning")
@@ -19,9 +19,13 @@ class DefenseSpec:
         stage: one of `alignment`, `fine-tuning`, `post-fine-tuning`.
         config_class: the `XConfig` dataclass.
         trainer_class: the `XTrainer` class, or None for post-hoc defenses.
-        post_hoc: for post-fine-tuning defenses, a callable `(model, dataset, config, **kwargs)` applying the repair.
+        post_hoc: for post-fine-tuning defenses, a callable
+            `(model, config, *, harmful_dataset=None, processing_class=None, base_model=None, aligned_model=None)`
+            that repairs `model` in place and returns it.
         unsupported_backends: backends (`ddp`, `zero2`, `zero3`, `fsdp`) where the defense refuses to run.
         description: one line for `--help` and the docs.
+        bench_overrides: config-field overrides the toy-world bench uses for this defense (its scale differs from a
+            7B model's, e.g. a larger ρ); documented in the defense's docs page.
     """
 
     name: str
@@ -31,6 +35,10 @@ class DefenseSpec:
     post_hoc: object | None = None
     unsupported_backends: tuple[str, ...] = ()
     description: str = ""
+    bench_overrides: dict = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
 
 _REGISTRY: dict[str, DefenseSpec] = {}
