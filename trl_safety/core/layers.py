@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 
@@ -24,10 +26,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model, "module"
         ):
             model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PeftModel
+        elif isinstance(model, PeftModel):
             model = model.get_base_model()
-        # LoraModel / tuner wrappers expose the wrapped model as `.model` and carry `peft_config`
-        elif hasattr(model, "peft_config") and isinstance(getattr(model, "model", None), nn.Module):
+        elif isinstance(model, BaseTuner):  # LoraModel and friends wrap the model as `.model`
             model = model.model
     return model
 
