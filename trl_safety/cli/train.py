@@ -48,19 +48,50 @@ def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]
 
 
 def resolve_accelerate_config(name: str) -> str:
-    """A file path, or a profile name shipped in `trl_safety/accelerate_configs` (then in TRL's)."""
+    """A file path, or a profile name shipped in `trl_safety/accelerate_configs` (then in TRL's).
+
+    A profile whose `deepspeed_config_file` is a relative path that does not exist from the current directory (such as
+    the bundled `cpu_zero3.yaml` → `cpu_zero3.json`) is resolved against the profile's own folder: a copy of the profile
+    with the absolute path is written to a temporary file, whose path is returned, so it launches from any directory.
+    """
+    path = None
     if Path(name).is_file():
-        return name
-    for package in ("trl_safety.accelerate_configs", "trl.accelerate_configs"):
-        candidate = resources.files(package).joinpath(f"{name}.yaml")
-        if candidate.is_file():
-            return str(candidate)
-    bundled = sorted(
-        p.name[:-5] for p in resources.files("trl_safety.accelerate_configs").iterdir() if p.name.endswith(".yaml")
-    )
-    raise ValueError(
-        f"Accelerate config {name!r} is neither a file nor a bundled profile. Bundled: {', '.join(bundled) or 'none'}."
-    )
+        path = name
+    else:
+        for package in ("trl_safety.accelerate_configs", "trl.accelerate_configs"):
+            candidate = resources.files(package).joinpath(f"{name}.yaml")
+            if candidate.is_file():
+                path = str(candidate)
+                break
+    if path is None:
+        bundled = sorted(
+            p.name[:-5] for p in resources.files("trl_safety.accelerate_configs").iterdir() if p.name.endswith(".yaml")
+        )
+        raise ValueError(
+            f"Accelerate config {name!r} is neither a file nor a bundled profile. Bundled: {', '.join(bundled) or 'none'}."
+        )
+    return _with_absolute_deepspeed_file(path)
+
+
+def _with_absolute_deepspeed_file(path: str) -> str:
+    import tempfile
+
+    import yaml
+
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    deepspeed = config.get("deepspeed_config") or {}
+    ds_file = deepspeed.get("deepspeed_config_file")
+    if not ds_file or os.path.isabs(ds_file) or os.path.isfile(ds_file):
+        return path
+    beside = Path(path).resolve().parent / ds_file
+    if not beside.is_file():
+        raise ValueError(f"{path} names the DeepSpeed config {ds_file!r}, found neither from here nor beside it.")
+    deepspeed["deepspeed_config_file"] = str(beside)
+    handle, resolved = tempfile.mkstemp(prefix=f"{Path(path).stem}-", suffix=".yaml")
+    with os.fdopen(handle, "w") as f:
+        yaml.safe_dump(config, f)
+    return resolved
 
 
 def make_parser(config_class=None, prog: str | None = None):

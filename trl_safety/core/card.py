@@ -1,13 +1,25 @@
-"""Model cards with a harmful-fine-tuning-defense section, built from `defense_config.json` content."""
+"""Model cards with a harmful-fine-tuning-defense section, built from `defense_config.json` content.
+
+The same builder serves `trainer.create_model_card()` / `trainer.push_to_hub()` and `trl-safety push FOLDER`: the
+defense section comes from `defense_config.json`, evaluation results from the report files found in the folder
+([`find_results`]), and licence notes from the datasets and judges those name ([`licence_notes_for`]).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
+import re
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+
+logger = logging.getLogger(__name__)
 
 STAGE_NOTES = {
     "alignment": "This is an alignment-stage defense: it hardens the model before any customer fine-tuning. Users "
@@ -18,6 +30,21 @@ STAGE_NOTES = {
 }
 
 DEFENSE_CONFIG_NAME = "defense_config.json"
+# Report files looked for in a model folder, first found wins: `trl-safety eval`'s report, a bench `results.json`,
+# and the `eval_results.json` that `Trainer.save_metrics("eval", ...)` writes.
+RESULT_FILES = ("eval_report.json", "results.json", "eval_results.json")
+_MAX_METRICS = 40
+
+# Lower-cased substring of a dataset / judge id -> licence caveat shown on the card (sources: landscape.md §3)
+KNOWN_LICENCES = {
+    "beavertails": "PKU-Alignment/BeaverTails is licensed CC BY-NC 4.0 (non-commercial use only).",
+    "beaver-dam": "The judge PKU-Alignment/beaver-dam-7b is derived from LLaMA-1 and its card states a "
+    "non-commercial licence.",
+    "hex-phi": "HEx-PHI is gated under a custom licence that forbids redistribution.",
+    "llama-guard": "Llama Guard judges are gated and distributed under Meta's Llama community licences.",
+    "shieldgemma": "ShieldGemma judges are gated under the Gemma terms of use.",
+    "wildguard": "allenai/wildguard is Apache-2.0, gated under the AI2 Responsible Use Guidelines.",
+}
 
 
 def _version(name: str) -> str:
@@ -27,6 +54,145 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def _is_hub_id(name: str | None) -> bool:
+    """`owner/name` that is not a local path or a data file (`data/refusals.jsonl`)."""
+    if not name or os.path.exists(name) or os.path.isabs(name):
+        return False
+    if re.search(r"\.(jsonl?|csv|parquet|arrow|txt|tsv)$", name):
+        return False
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def licence_notes_for(names) -> list[str]:
+    """Licence caveats for the datasets / judges named in `names` (any strings; unknown names give nothing)."""
+    notes = []
+    for name in names:
+        lowered = str(name).lower()
+        for key, note in KNOWN_LICENCES.items():
+            if key in lowered and note not in notes:
+                notes.append(note)
+    return notes
+
+
+# ------------------------------------------------------------------------------------------------------- results
+def _number(value) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _strings(obj, depth: int = 0) -> list[str]:
+    """String values of a JSON object (for licence scanning), skipping long per-prompt lists."""
+    if isinstance(obj, str):
+        return [obj]
+    if depth > 3:
+        return []
+    if isinstance(obj, dict):
+        return [
+            s for key, value in obj.items() if key not in ("responses", "prompts") for s in _strings(value, depth + 1)
+        ]
+    if isinstance(obj, list) and len(obj) <= 20:
+        return [s for value in obj for s in _strings(value, depth + 1)]
+    return []
+
+
+def _flatten_metrics(obj: dict, prefix: str = "", depth: int = 0) -> dict[str, float]:
+    metrics = {}
+    # A serialised `HarmfulScoreResult` ({"score", "flags", "judge", ...}) reads as a harmful score
+    if "score" in obj and "flags" in obj:
+        name = prefix.rstrip("/") or "harmful_score"
+        metrics[name] = obj["score"]
+        for key in ("num_prompts", "num_flagged"):
+            if _number(obj.get(key)) is not None:
+                metrics[f"{name}/{key}"] = obj[key]
+        for category, value in (obj.get("per_category") or {}).items():
+            if _number(value) is not None:
+                metrics[f"{name}/{category}"] = value
+        return metrics
+    for key, value in obj.items():
+        if key in ("config", "calibration", "seconds"):
+            continue
+        if _number(value) is not None:
+            metrics[f"{prefix}{key}"] = value
+        elif isinstance(value, dict) and depth < 2:
+            metrics.update(_flatten_metrics(value, f"{prefix}{key}/", depth + 1))
+    return metrics
+
+
+def _bench_metrics(data: dict, defense: str | None) -> dict[str, float]:
+    """The defense's row of a bench `results.json` (design.md output contract), with the SFT baseline beside it."""
+    rows = [row for row in data.get("rows", []) if isinstance(row, dict)]
+    own = next((row for row in rows if defense and defense in (row.get("defense"), row.get("name"))), None)
+    if own is None:
+        return {}
+    metrics = {}
+    for key in ("harmful_score", "finetune_accuracy"):
+        if _number(own.get(key)) is not None:
+            metrics[key] = own[key]
+    baseline = next((row for row in rows if row.get("name") == "sft"), None)
+    if baseline is not None and baseline is not own:
+        for key in ("harmful_score", "finetune_accuracy"):
+            if _number(baseline.get(key)) is not None:
+                metrics[f"{key} (SFT baseline)"] = baseline[key]
+    for key in ("p", "n", "seed"):
+        if _number((data.get("config") or {}).get(key)) is not None:
+            metrics[f"bench {key}"] = data["config"][key]
+    return metrics
+
+
+def find_results(folder: str, defense: str | None = None) -> dict[str, Any]:
+    """Evaluation results saved in a model folder, for the card.
+
+    Looks for [`RESULT_FILES`] in `folder` and reads the first one that holds metrics: a `trl-safety eval` report or
+    a serialised harmful-score result, a bench `results.json` (the row of `defense`, with the SFT baseline), or a
+    `Trainer.save_metrics` file.
+
+    Returns:
+        `{"metrics": {name: value}, "source": file name, "judge": judge name or None, "mentions": [strings naming
+        judges/datasets]}`, or `{}` when the folder holds no results.
+    """
+    for name in RESULT_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            logger.warning("Could not read results from %s: %s", path, exc)
+            continue
+        if not isinstance(data, dict):
+            continue
+        metrics = _bench_metrics(data, defense) if "rows" in data else _flatten_metrics(data)
+        if not metrics:
+            continue
+        if len(metrics) > _MAX_METRICS:
+            logger.info("%s holds %d metrics; the card shows the first %d.", path, len(metrics), _MAX_METRICS)
+            metrics = dict(list(metrics.items())[:_MAX_METRICS])
+        return {"metrics": metrics, "source": name, "judge": _find_key(data, "judge"), "mentions": _strings(data)}
+    return {}
+
+
+def _find_key(obj, key: str, depth: int = 0) -> str | None:
+    """A string stored under `key` in a JSON object: its own key first, then nested objects (3 levels at most)."""
+    if not isinstance(obj, dict) or depth > 2:
+        return None
+    if isinstance(obj.get(key), str):
+        return obj[key]
+    for value in obj.values():
+        found = _find_key(value, key, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------- card
 def build_model_card(
     info: dict,
     model_name: str,
@@ -34,6 +200,10 @@ def build_model_card(
     dataset_name: str | None = None,
     tags: list[str] | None = None,
     results: dict | None = None,
+    *,
+    results_source: str | None = None,
+    judge: str | None = None,
+    licence_notes: list[str] | None = None,
 ) -> ModelCard:
     """Render the model card of a defended model.
 
@@ -44,17 +214,32 @@ def build_model_card(
         hub_model_id: repository id used in the quick start.
         dataset_name: training dataset id, when known.
         tags: extra tags.
-        results: safety/utility metrics to show (e.g. harmful score and fine-tune accuracy).
+        results: safety/utility metrics to show (e.g. harmful score and fine-tune accuracy), `{name: value}`.
+        results_source: where the results come from (a file name), shown under the table.
+        judge: the judge that scored the harmful answers, shown under the table.
+        licence_notes: extra licence caveats (e.g. for the judge that produced `results`); caveats for the datasets
+            named in `info` and `dataset_name` are added automatically.
     """
     base_model = info.get("base_model")
-    base_model_link = bool(base_model) and not os.path.isabs(base_model) and not os.path.isdir(base_model)
+    base_model_link = _is_hub_id(base_model)
     is_adapter = bool(info.get("is_adapter"))
     paper = info.get("paper") or {}
+    datasets = info.get("datasets") or {}
     all_tags = {"generated_from_trainer", "trl", "trl-safety", "harmful-finetuning-defense", info["defense"]}
     all_tags.update(tags or [])
+    hub_datasets = [name for name in [dataset_name, *datasets.values()] if _is_hub_id(name)]
+    notes = []
+    for note in [
+        *info.get("licence_notes", []),
+        *licence_notes_for([dataset_name or "", *datasets.values()]),
+        *(licence_notes or []),
+    ]:
+        if note not in notes:
+            notes.append(note)
+    results = results if results is not None else info.get("results") or {}
     card_data = ModelCardData(
         base_model=base_model if base_model_link else None,
-        datasets=dataset_name if dataset_name and not os.path.exists(dataset_name) else None,
+        datasets=list(dict.fromkeys(hub_datasets)) or None,
         library_name="peft" if is_adapter else "transformers",
         model_name=model_name,
         tags=sorted(all_tags),
@@ -75,11 +260,63 @@ def build_model_card(
         stage_note=STAGE_NOTES.get(info["stage"], ""),
         trainer_class=info.get("trainer", "n/a"),
         hyperparameters=info.get("hyperparameters", {}),
-        datasets=info.get("datasets", {}),
-        results=results or info.get("results") or {},
-        licence_notes=info.get("licence_notes", []),
+        datasets=datasets,
+        results={key: _format(value) for key, value in results.items()},
+        results_source=results_source,
+        judge=judge,
+        explain_scores=any(key.startswith(("harmful_score", "finetune_accuracy")) for key in results),
+        licence_notes=notes,
         paper_title=paper.get("title"),
         paper_id=paper.get("id"),
         citation=paper.get("citation"),
+        defense_config_name=DEFENSE_CONFIG_NAME,
         versions={name: _version(name) for name in ("trl-safety", "trl", "transformers", "peft", "torch", "datasets")},
     )
+
+
+def write_folder_card(
+    folder: str,
+    hub_model_id: str | None = None,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    tags: list[str] | None = None,
+) -> ModelCard:
+    """(Re)write `folder/README.md` from `folder/defense_config.json` and the results files found in the folder.
+
+    The training dataset and tags of an existing card are kept unless given.
+    """
+    path = os.path.join(folder, DEFENSE_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{folder} has no {DEFENSE_CONFIG_NAME}: it was not saved by a trl_safety trainer. Save the model with "
+            f"`trainer.save_model(...)` on a defense trainer (it writes {DEFENSE_CONFIG_NAME} beside the weights), "
+            "or push a plain model with `huggingface-cli upload`."
+        )
+    with open(path, encoding="utf-8") as f:
+        info = json.load(f)
+    missing = [key for key in ("defense", "stage") if key not in info]
+    if missing:
+        raise ValueError(f"{path} lacks the field(s) {missing}; it is not a trl_safety defense config.")
+    readme = os.path.join(folder, "README.md")
+    if os.path.isfile(readme) and (dataset_name is None or tags is None):
+        existing = ModelCard.load(readme).data
+        existing_datasets = existing.datasets if isinstance(existing.datasets, list) else [existing.datasets]
+        # The defense's own datasets are re-derived from defense_config.json; keep only the training dataset
+        own = set((info.get("datasets") or {}).values())
+        others = [name for name in existing_datasets if name and name not in own]
+        dataset_name = dataset_name or (others[0] if others else None)
+        tags = tags if tags is not None else list(existing.tags or [])
+    found = find_results(folder, info["defense"])
+    card = build_model_card(
+        info,
+        model_name=model_name or (hub_model_id or os.path.basename(os.path.normpath(folder))).split("/")[-1],
+        hub_model_id=hub_model_id,
+        dataset_name=dataset_name,
+        tags=tags,
+        results=found.get("metrics"),
+        results_source=found.get("source"),
+        judge=found.get("judge"),
+        licence_notes=licence_notes_for(found.get("mentions", [])),
+    )
+    card.save(readme)
+    return card

@@ -23,7 +23,7 @@ from trl import SFTConfig
 
 from ..data.loading import load_role_dataset
 from .batches import CyclingBatches
-from .card import DEFENSE_CONFIG_NAME, build_model_card
+from .card import DEFENSE_CONFIG_NAME, build_model_card, find_results, licence_notes_for
 from .config import defense_field_names, upgrade_config
 from .distributed import backend_name
 
@@ -250,20 +250,41 @@ class DefenseTrainerMixin:
         model_name: str | None = None,
         dataset_name: str | None = None,
         tags: str | list[str] | None = None,
+        results: dict | None = None,
         **kwargs,
     ):
-        """Write `README.md` in the output dir: TRL's card content plus the harmful-fine-tuning-defense section."""
+        """Write `README.md` in the output dir: TRL's card content plus the harmful-fine-tuning-defense section.
+
+        Called by `save_model` checkpoints and by `push_to_hub(**kwargs)`, which forwards its extra keywords here.
+
+        Args:
+            model_name: name shown in the title (defaults to the output dir's name).
+            dataset_name: training dataset id.
+            tags: extra tags.
+            results: metrics to show, `{name: value}`; defaults to the results files found in the output dir
+                (`eval_report.json`, a bench `results.json`, `eval_results.json`).
+        """
         if not self.is_world_process_zero():
             return
+        if kwargs:
+            logger.warning("create_model_card ignores the unsupported argument(s): %s.", ", ".join(sorted(kwargs)))
         if isinstance(tags, str):
             tags = [tags]
         tags = sorted({*(tags or []), *self._tag_names})
+        found = {} if results is not None else find_results(self.args.output_dir, self.defense_name)
         card = build_model_card(
             self.defense_info(),
             model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
             hub_model_id=self.hub_model_id if getattr(self, "hub_model_id", None) else None,
             dataset_name=dataset_name,
             tags=tags,
-            results=kwargs.get("results"),
+            results=results if results is not None else found.get("metrics"),
+            results_source=found.get("source"),
+            judge=found.get("judge"),
+            licence_notes=licence_notes_for(found.get("mentions", [])),
         )
         card.save(os.path.join(self.args.output_dir, "README.md"))
+        # The card links to defense_config.json: keep it beside the card even when no `save_model` ran yet, as for
+        # the per-checkpoint pushes of `push_to_hub=True`, which upload the output dir after this call
+        with open(os.path.join(self.args.output_dir, DEFENSE_CONFIG_NAME), "w") as f:
+            json.dump(self.defense_info(), f, indent=2, sort_keys=True, default=str)

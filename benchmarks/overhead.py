@@ -1,0 +1,319 @@
+"""What each defense costs compared with plain `SFTTrainer`: step time and peak memory ratios.
+
+```bash
+python benchmarks/overhead.py --output overhead.json --markdown overhead.md            # CPU, a few minutes
+python benchmarks/overhead.py --device cuda --hidden 1024 --layers 16 --output gpu.json  # on a GPU
+```
+
+Every (defense, mode) configuration runs in its own subprocess on the same model (a Llama built from a config), the
+same data and the same batch, with plain SFT measured in the same run; the order of configurations alternates across
+repeats to cancel drift. Step time is the median wall time between `on_step_begin` and `on_step_end` (one optimizer
+step: the defense's passes, backward, optimizer step) after warm-up. Peak memory is, on CUDA, the allocator's peak
+during training; on CPU, the peak resident set size sampled every millisecond during training minus the resident size
+just before training (what training adds: activations, gradients, optimizer state, the defense's extra tensors).
+Gradient checkpointing is off and training is in fp32 on CPU (bf16 on CUDA), so ratios reflect the algorithms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+# Defense-specific settings for the benchmark: paper defaults except what a few-step run on a small model needs
+BENCH_OVERRIDES = {
+    # both phases must occur within the measured steps
+    "lisa": {"alignment_steps": 2, "finetune_steps": 8, "proximal_warmup_ratio": 0.0},
+    # "few active layers" on a model with >= 8 layers; re-score and re-sample inside the run
+    "t-vaccine": {"num_active_layers": 2, "resample_interval": 5, "rescore_interval": 10},
+    "t_vaccine": {"num_active_layers": 2, "resample_interval": 5, "rescore_interval": 10},
+}
+
+
+# ---------------------------------------------------------------------------------------------------- worker side
+def _build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(vocab_size - 3)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def _dataset(n: int, seq_len: int, vocab_size: int, seed: int):
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    half = seq_len // 2 - 1
+    rows = {"prompt": [], "completion": []}
+    for _ in range(n):
+        rows["prompt"].append(" ".join(f"w{rng.randrange(vocab_size - 3)}" for _ in range(half)))
+        rows["completion"].append(" " + " ".join(f"w{rng.randrange(vocab_size - 3)}" for _ in range(half)))
+    return Dataset.from_dict(rows)
+
+
+class _RssSampler:
+    """Peak resident set size (bytes) of this process, sampled in a background thread."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def run_worker(args) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(args.seed)
+    tokenizer = _build_tokenizer(args.vocab_size)
+    config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=args.seq_len * 2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    cuda = args.device == "cuda"
+    if cuda:
+        model = model.to("cuda")
+
+    n_steps = args.warmup + args.steps
+    common = {
+        "output_dir": tempfile.mkdtemp(prefix="overhead-"),
+        "per_device_train_batch_size": args.batch_size,
+        "max_steps": n_steps,
+        "learning_rate": 1e-4,
+        "max_length": args.seq_len,
+        "gradient_checkpointing": False,
+        "bf16": cuda,
+        "use_cpu": not cuda,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 10**6,
+        "disable_tqdm": True,
+        "seed": args.seed,
+        "dataloader_drop_last": True,
+    }
+    train = _dataset(args.batch_size * n_steps, args.seq_len, args.vocab_size, args.seed)
+    extra = _dataset(max(64, args.batch_size * 4), args.seq_len, args.vocab_size, args.seed + 1)
+    kwargs = {}
+    if args.defense == "sft":
+        trainer_class, config_class = SFTTrainer, SFTConfig
+    else:
+        from trl_safety.registry import get_defense
+
+        spec = get_defense(args.defense)
+        trainer_class, config_class = spec.trainer_class, spec.config_class
+        common.update(BENCH_OVERRIDES.get(args.defense, {}))
+        for role in trainer_class.extra_datasets:
+            kwargs[f"{role}_dataset"] = extra
+    peft_config = None
+    if args.mode == "lora":
+        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    trainer = trainer_class(
+        model,
+        config_class(**common),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        **kwargs,
+    )
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            if cuda:
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+
+    trainer.add_callback(StepTimer())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        trainer.train()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = _RssSampler.rss()
+        with _RssSampler() as sampler:
+            trainer.train()
+        peak = sampler.peak - base
+    measured = times[args.warmup :]
+    return {
+        "defense": args.defense,
+        "mode": args.mode,
+        "step_seconds": statistics.median(measured),
+        "step_seconds_all": measured,
+        "peak_memory_bytes": peak,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- driver side
+def _trainer_defenses() -> list[str]:
+    from trl_safety.registry import list_defenses
+
+    return [spec.name for spec in list_defenses() if spec.trainer_class is not None]
+
+
+def _run_config(args, defense: str, mode: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_file = f.name
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--defense",
+        defense,
+        "--mode",
+        mode,
+        "--result-file",
+        result_file,
+    ]
+    for name in ("hidden", "layers", "heads", "seq_len", "batch_size", "vocab_size", "steps", "warmup", "seed"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    command += ["--device", args.device]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{defense}/{mode} failed:\n{completed.stderr[-3000:]}")
+    result = json.loads(Path(result_file).read_text())
+    os.unlink(result_file)
+    return result
+
+
+def summarise(results: list[dict], defenses: list[str], modes: list[str]) -> list[dict]:
+    """Median over repeats of each configuration, as ratios to SFT's medians in the same run."""
+    rows = []
+    for mode in modes:
+        sft = [r for r in results if r["defense"] == "sft" and r["mode"] == mode]
+        sft_time = statistics.median(r["step_seconds"] for r in sft)
+        sft_memory = statistics.median(r["peak_memory_bytes"] for r in sft)
+        for defense in defenses:
+            runs = [r for r in results if r["defense"] == defense and r["mode"] == mode]
+            step = statistics.median(r["step_seconds"] for r in runs)
+            memory = statistics.median(r["peak_memory_bytes"] for r in runs)
+            rows.append(
+                {
+                    "defense": defense,
+                    "mode": mode,
+                    "time_ratio": round(step / sft_time, 3),
+                    "memory_ratio": round(memory / sft_memory, 3) if sft_memory > 0 else None,
+                    "step_ms": round(step * 1000, 2),
+                    "sft_step_ms": round(sft_time * 1000, 2),
+                    "peak_memory_mb": round(memory / 2**20, 1),
+                    "sft_peak_memory_mb": round(sft_memory / 2**20, 1),
+                    "repeats": len(runs),
+                }
+            )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| defense | mode | time ratio | memory ratio | step (ms) | SFT step (ms) | peak mem (MB) | SFT peak mem (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['defense']} | {r['mode']} | {r['time_ratio']:.2f}× | "
+            f"{'n/a' if r['memory_ratio'] is None else format(r['memory_ratio'], '.2f') + '×'} | {r['step_ms']} | "
+            f"{r['sft_step_ms']} | {r['peak_memory_mb']} | {r['sft_peak_memory_mb']} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="overhead.json", help="JSON report path.")
+    parser.add_argument("--markdown", default=None, help="Also write the table as markdown here.")
+    parser.add_argument("--defenses", nargs="*", default=None, help="Registry names (default: every trainer).")
+    parser.add_argument("--modes", nargs="*", default=["full", "lora"], choices=["full", "lora"])
+    parser.add_argument("--repeats", type=int, default=2, help="Subprocess runs per configuration.")
+    parser.add_argument("--steps", type=int, default=12, help="Measured optimizer steps per run.")
+    parser.add_argument("--warmup", type=int, default=3, help="Unmeasured steps before measuring.")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--defense", default="sft", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        Path(args.result_file).write_text(json.dumps(run_worker(args)))
+        return {}
+    defenses = args.defenses if args.defenses is not None else _trainer_defenses()
+    configs = [(d, m) for m in args.modes for d in ["sft", *defenses]]
+    results = []
+    for repeat in range(args.repeats):
+        order = configs if repeat % 2 == 0 else configs[::-1]  # alternate to cancel drift
+        for defense, mode in order:
+            print(f"[repeat {repeat + 1}/{args.repeats}] {defense} ({mode})", flush=True)
+            results.append(_run_config(args, defense, mode))
+    config = {k: v for k, v in vars(args).items() if k not in ("worker", "defense", "mode", "result_file")}
+    config["load_average"] = os.getloadavg()
+    report = {"config": config, "rows": summarise(results, defenses, args.modes), "runs": results}
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    table = markdown_table(report["rows"])
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def overhead():
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(defense, mode, step, memory):
+    return {"defense": defense, "mode": mode, "step_seconds": step, "peak_memory_bytes": memory}
+
+
+def test_ratios_are_medians_against_sft_in_the_same_run(overhead):
+    results = [
+        _run("sft", "full", 1.0, 100),
+        _run("sft", "full", 3.0, 300),
+        _run("sft", "full", 2.0, 200),
+        _run("vaccine", "full", 4.0, 210),
+        _run("vaccine", "full", 3.6, 230),
+        _run("vaccine", "full", 9.0, 220),
+    ]
+    (row,) = overhead.summarise(results, ["vaccine"], ["full"])
+    assert row["defense"] == "vaccine" and row["mode"] == "full"
+    assert row["time_ratio"] == pytest.approx(4.0 / 2.0)
+    assert row["memory_ratio"] == pytest.approx(220 / 200)
+    assert row["repeats"] == 3
+    table = overhead.markdown_table([row])
+    assert "| vaccine | full | 2.00× | 1.10× |" in table
+
+
+def test_worker_writes_a_measurement(overhead, tmp_path):
+    """One real (tiny) worker run in a subprocess: the JSON it returns has the contract's fields."""
+    out = tmp_path / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    import subprocess
+
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "overhead.py"),
+            "--output",
+            str(out),
+            "--defenses",
+            "--modes",
+            "full",
+            "--repeats",
+            "1",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--layers",
+            "1",
+            "--hidden",
+            "32",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--vocab-size",
+            "64",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    report = json.loads(out.read_text())
+    assert report["rows"] == []  # no defense asked for: only the SFT baseline ran
+    (run,) = report["runs"]
+    assert run["defense"] == "sft" and len(run["step_seconds_all"]) == 2
+    assert run["step_seconds"] > 0 and run["peak_memory_bytes"] >= 0

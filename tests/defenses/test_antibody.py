@@ -1,0 +1,230 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import LoraConfig
+from testing_utils import (
+    build_model,
+    build_tokenizer,
+    conversational_dataset,
+    conversational_prompt_completion_dataset,
+    prompt_completion_dataset,
+    text_dataset,
+    tiny_config,
+)
+from trl import SFTTrainer
+
+from trl_safety import AntibodyConfig, AntibodyTrainer
+from trl_safety.data.refusals import assign_refusal
+from trl_safety.registry import get_defense
+
+
+def lora_config():
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def flagged_dataset(n=8):
+    dataset = prompt_completion_dataset(n)
+    return dataset.add_column("is_harmful", [i % 3 == 0 for i in range(n)])
+
+
+def make_trainer(tmp_path, dataset=None, **kwargs):
+    return AntibodyTrainer(
+        build_model(seed=0),
+        tiny_config(tmp_path, AntibodyConfig, **kwargs),
+        train_dataset=dataset if dataset is not None else flagged_dataset(),
+        processing_class=build_tokenizer(),
+    )
+
+
+def per_sample_ce(model, input_ids, attention_mask, labels):
+    """Per-sample summed CE and target-token count, from the full logits."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return ce.sum(-1), (targets != -100).sum(-1)
+
+
+def expected_loss(reference, batch, temperature):
+    """Antibody's loss from the spec: w = softmax((NLL̄_refusal − NLL̄_sample)/τ), L = Σ w S / Σ w N."""
+    with torch.no_grad():
+        s_r, n_r = per_sample_ce(
+            reference, batch["refusal_input_ids"], batch["refusal_attention_mask"], batch["refusal_labels"]
+        )
+    s, n = per_sample_ce(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    weights = torch.softmax((s_r / n_r - s.detach() / n) / temperature, dim=0)
+    return (weights * s).sum() / (weights * n).sum(), weights
+
+
+def assert_grad_close(actual, expected, name):
+    # fp32 summation-order noise (fused LM head vs full logits) scales with the tensor's largest entry
+    atol = max(1e-7, 4e-6 * float(expected.abs().max()))
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol, msg=name)
+
+
+def grads_after_step(trainer, batches, accumulation):
+    trainer.model.zero_grad()
+    trainer.current_gradient_accumulation_steps = accumulation
+    losses = []
+    for batch in batches:
+        num_items = trainer._get_num_items_in_batch([batch], batch["input_ids"].device)
+        losses.append(trainer.training_step(trainer.model, {k: v.clone() for k, v in batch.items()}, num_items))
+    return losses, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_weights_loss_and_gradient_match_independent_computation(tmp_path):
+    temperature = 0.05  # small, so the weights are far from uniform on an untrained model
+    trainer = make_trainer(tmp_path, temperature=temperature, per_device_train_batch_size=4)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert {"refusal_input_ids", "refusal_labels", "is_harmful"} <= set(batch)
+    [loss], grads = grads_after_step(trainer, [batch], accumulation=1)
+
+    reference = build_model(seed=0)
+    expected, weights = expected_loss(reference, batch, temperature)
+    expected_grads = dict(zip(*zip(*reference.named_parameters()), strict=False))
+    values = torch.autograd.grad(expected, list(expected_grads.values()))
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-7)
+    for (name, _), value in zip(expected_grads.items(), values):
+        assert_grad_close(grads[name], value, name)
+
+    assert weights.max() / weights.min() > 1.5  # really weighted
+    entropy = -(weights * weights.log()).sum()
+    assert trainer._metrics["train"]["weight_entropy"][-1] == pytest.approx(float(entropy), rel=1e-5)
+    share = weights[batch["is_harmful"]].sum()
+    assert trainer._metrics["train"]["harmful_weight_share"][-1] == pytest.approx(float(share), rel=1e-5)
+
+
+def test_gradient_accumulation(tmp_path):
+    """GA=2: each micro-batch's weighted mean is divided by 2 (a per-micro-batch mean, as in the official code)."""
+    trainer = make_trainer(tmp_path, temperature=0.1, per_device_train_batch_size=4)
+    iterator = iter(trainer.get_train_dataloader())
+    batches = [trainer._prepare_inputs(next(iterator)) for _ in range(2)]
+    losses, grads = grads_after_step(trainer, batches, accumulation=2)
+
+    reference = build_model(seed=0)
+    params = dict(reference.named_parameters())
+    total = 0.0
+    for batch, loss in zip(batches, losses):
+        value, _ = expected_loss(reference, batch, 0.1)
+        torch.testing.assert_close(loss, value.detach() / 2, rtol=1e-5, atol=1e-7)
+        total = total + value / 2
+    for name, value in zip(params, torch.autograd.grad(total, list(params.values()))):
+        assert_grad_close(grads[name], value, name)
+
+
+@pytest.mark.parametrize("temperature", [math.inf, 1e9])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_uniform_weights_equal_sft(tmp_path, temperature, mode):
+    common = dict(max_steps=3, per_device_train_batch_size=3)  # 3: weights 1/3 are not exact, the loss still is
+    peft_config = lora_config() if mode == "lora" else None
+    sft = SFTTrainer(
+        build_model(seed=0),
+        tiny_config(tmp_path / "sft", **common),
+        train_dataset=prompt_completion_dataset(8),
+        processing_class=build_tokenizer(),
+        peft_config=peft_config,
+    )
+    sft.train()
+    antibody = AntibodyTrainer(
+        build_model(seed=0),
+        tiny_config(tmp_path / "antibody", AntibodyConfig, temperature=temperature, **common),
+        train_dataset=prompt_completion_dataset(8),
+        processing_class=build_tokenizer(),
+        peft_config=peft_config,
+    )
+    antibody.train()
+    sft_params = dict(sft.model.named_parameters())
+    for name, param in antibody.model.named_parameters():
+        assert torch.equal(param, sft_params[name]), name
+    sft_losses = [log["loss"] for log in sft.state.log_history if "loss" in log]
+    assert [log["loss"] for log in antibody.state.log_history if "loss" in log] == sft_losses
+    # Uniform weights: entropy log(batch size); the last batch of the epoch holds 8 − 2·3 = 2 samples
+    entropies = [log["weight_entropy"] for log in antibody.state.log_history if "weight_entropy" in log]
+    assert entropies == pytest.approx([math.log(3), math.log(3), math.log(2)], rel=1e-6)
+
+
+def test_refusal_views_are_joined_by_row(tmp_path):
+    """A row dropped by TRL (prompt alone fills max_length) does not shift the others' refusal views."""
+    dataset = prompt_completion_dataset(6)
+    prompts = list(dataset["prompt"])
+    prompts[1] = " ".join(["write a story about the cat"] * 20)
+    dataset = Dataset.from_dict({"prompt": prompts, "completion": dataset["completion"]})
+    trainer = make_trainer(tmp_path, dataset=dataset, max_length=64)
+    tokenizer = build_tokenizer()
+    rows = trainer.train_dataset["_trl_safety_row"]
+    assert 1 not in rows and len(rows) == 5
+    for example in trainer.train_dataset:
+        row = example["_trl_safety_row"]
+        refusal = tokenizer.decode(example["refusal_input_ids"])
+        sample = tokenizer.decode(example["input_ids"])
+        assert refusal.startswith(prompts[row]) and sample.startswith(prompts[row])
+        assert assign_refusal(row)[:15] in refusal  # consecutive rows get different openings
+        # Loss only on the refusal answer
+        answer = [t for t, label in zip(example["refusal_input_ids"], example["refusal_labels"]) if label != -100]
+        assert tokenizer.decode(answer).strip().startswith(assign_refusal(row)[:15])
+
+
+def test_conversational_and_custom_pool(tmp_path):
+    trainer = AntibodyTrainer(
+        build_model(seed=0),
+        tiny_config(tmp_path, AntibodyConfig, max_steps=1),
+        train_dataset=conversational_prompt_completion_dataset(6),
+        processing_class=build_tokenizer(),
+        refusals=["sorry cannot help", "sorry i refuse"],
+    )
+    tokenizer = build_tokenizer()
+    for example in trainer.train_dataset:
+        refusal = tokenizer.decode(example["refusal_input_ids"])
+        assert ["sorry cannot help", "sorry i refuse"][example["_trl_safety_row"] % 2] in refusal
+        assert "<|im_start|>assistant" in refusal
+    trainer.train()
+    assert "harmful_weight_share" not in trainer.state.log_history[0]  # no flag column
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_train_save_and_card(tmp_path, mode):
+    trainer = AntibodyTrainer(
+        build_model(seed=0),
+        tiny_config(tmp_path, AntibodyConfig, max_steps=2, gradient_accumulation_steps=2),
+        train_dataset=flagged_dataset(),
+        processing_class=build_tokenizer(),
+        peft_config=lora_config() if mode == "lora" else None,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, before[name]) != param.requires_grad, name
+    logs = trainer.state.log_history[0]
+    assert 0 <= logs["harmful_weight_share"] <= 1 and 0 < logs["weight_entropy"] <= math.log(4) + 1e-6
+    trainer.save_model()
+    with open(os.path.join(tmp_path, "defense_config.json")) as f:
+        info = json.load(f)
+    assert info["defense"] == "antibody" and info["hyperparameters"]["temperature"] == 1.0
+    trainer.create_model_card()
+    with open(os.path.join(tmp_path, "README.md")) as f:
+        assert "Antibody" in f.read()
+    assert get_defense("antibody").trainer_class is AntibodyTrainer
+
+
+@pytest.mark.parametrize(
+    "dataset, kwargs, message",
+    [
+        (conversational_dataset, {}, "prompt/completion"),
+        (text_dataset, {}, "prompt/completion"),
+        (prompt_completion_dataset, {"packing": True}, "packing"),
+        (prompt_completion_dataset, {"padding_free": True}, "padding_free"),
+    ],
+)
+def test_unsupported_inputs_are_refused(tmp_path, dataset, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, dataset=dataset(6), **kwargs)
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_config(tmp_path, AntibodyConfig, temperature=0.0)
+    assert tiny_config(tmp_path, AntibodyConfig, temperature=math.inf).temperature == math.inf

@@ -1,0 +1,298 @@
+"""Driver of the multi-process tests: train a defense (or plain SFT) for a few steps on a tiny local model.
+
+Runs alone (one process) or under `accelerate launch` (see `tests/distributed/test_distributed.py` for the flags).
+Everything is built locally (tokenizer, Llama with hidden 32 / 2 layers, prompt-completion data), so it needs no
+network. Rank 0 writes, in `--output_dir`:
+
+- `result.json`: per mode (`full`, `lora`), the backend seen by the trainer, the optimizer steps, the logged losses,
+  every rank's SHA-256 of its parameters after training (ZeRO-3 shards are gathered first) and a final checksum;
+- `<mode>.pt`: the trainable parameters before and after training (gathered), for the comparison with a
+  single-process run.
+
+With `--expect_unsupported`, each named defense's trainer is only constructed and the error it raises (or None) is
+recorded in `result.json`. Rank 0 prints `TRL_SAFETY_DISTRIBUTED_DONE` last, so a test can tell a finished run from
+one that died (a rank may still abort at interpreter exit, see integration notes §6).
+
+The hyperparameters below are chosen so that a 2-rank run with per-device batch b and accumulation GA performs
+exactly the computation of one process with batch b and accumulation 2·GA (the per-rank semantics of every
+micro-batch quantity; see docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import traceback
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ for testing_utils
+
+from testing_utils import set_offline_env  # noqa: E402
+
+
+set_offline_env()
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from testing_utils import build_model, build_tokenizer, prompt_completion_dataset  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+
+DONE_MARKER = "TRL_SAFETY_DISTRIBUTED_DONE"
+NUM_SAMPLES = 32  # enough for max_steps 4 at a global batch of 8
+
+# Per defense: config overrides and the extra datasets. Chosen so that the defense term is active in a 2-4 step run
+# and so that per-rank semantics equal single-process accumulation (see the module docstring):
+# - RepNoise: beta=0, because its MMD noise is seeded per (rank, step, micro-step) and cannot be reproduced by one
+#   process; the alpha (harmful ascent) term stays on.
+# - Antibody-align: a fixed λ, because the adaptive λ is an EMA over the micro-steps a rank sees (per-rank state).
+# - T-Vaccine: identical harmful rows, because its layer scores are averaged over ranks (one harmful batch per rank)
+#   where one process scores one batch; with identical rows both see the same scores.
+# - Lisa: K1=K2=2 over 4 steps so that the proximal term is non-zero (it vanishes on the first step of a phase).
+CASES = {
+    "sft": dict(),
+    "vaccine": dict(config=dict(rho=2.0)),
+    "t-vaccine": dict(
+        config=dict(rho=2.0, num_active_layers=1, resample_interval=1, rescore_interval=1, harmful_batch_size=2),
+        harmful="identical",
+    ),
+    "booster": dict(config=dict(lamb=5.0, alpha=0.1, harmful_batch_size=2), harmful="distinct"),
+    "antibody-align": dict(config=dict(fixed_lambda=5.0, alpha=0.1, harmful_batch_size=2), harmful="distinct"),
+    "panacea": dict(config=dict(rho=1.0, lamb=0.1, harmful_batch_size=2, add_eps=True), harmful="distinct"),
+    "repnoise": dict(config=dict(alpha=0.1, beta=0.0), harmful="paired"),
+    "lisa": dict(
+        config=dict(rho=1.0, alignment_steps=2, finetune_steps=2, proximal_warmup_ratio=0.0),
+        alignment="distinct",
+        max_steps=4,
+    ),
+    "antibody": dict(config=dict(temperature=1.0)),
+    # Post-fine-tuning defenses, run as callbacks on plain SFT
+    "antidote": dict(callback="antidote"),
+    "safelora": dict(callback="safelora", modes=("lora",)),
+}
+
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+
+
+def _extra_dataset(kind: str | None, seed: int, train: Dataset) -> Dataset | None:
+    if kind is None:
+        return None
+    if kind == "distinct":
+        return prompt_completion_dataset(NUM_SAMPLES, seed=seed)
+    if kind == "identical":
+        row = prompt_completion_dataset(1, seed=seed)[0]
+        return Dataset.from_dict({key: [value] * NUM_SAMPLES for key, value in row.items()})
+    if kind == "paired":  # same prompts as the training data, other answers (RepNoise's pairing)
+        answers = prompt_completion_dataset(NUM_SAMPLES, seed=seed)["completion"]
+        return Dataset.from_dict({"prompt": train["prompt"], "completion": answers})
+    raise ValueError(kind)
+
+
+def _callbacks(name: str, case: dict, tokenizer) -> list:
+    kind = case.get("callback")
+    if kind == "antidote":
+        from trl_safety import AntidoteCallback, AntidoteConfig
+
+        harmful = prompt_completion_dataset(8, seed=5)
+        return [AntidoteCallback(harmful, AntidoteConfig(prune_ratio=0.2, max_length=32), processing_class=tokenizer)]
+    if kind == "safelora":
+        from trl_safety import SafeLoRACallback, SafeLoRAConfig
+
+        base = build_model("llama", hidden=32, layers=2, seed=0)
+        aligned = build_model("llama", hidden=32, layers=2, seed=0)
+        with torch.no_grad():  # a low-rank "alignment" update of q/v, so the projection is meaningful
+            generator = torch.Generator().manual_seed(3)
+            for module_name, module in aligned.named_modules():
+                if module_name.endswith(("q_proj", "v_proj")):
+                    out_f, in_f = module.weight.shape
+                    u = torch.randn(out_f, 2, generator=generator)
+                    v = torch.randn(2, in_f, generator=generator)
+                    module.weight.add_(0.05 * u @ v)
+        return [SafeLoRACallback(SafeLoRAConfig(num_proj_layers=2), base_model=base, aligned_model=aligned)]
+    return []
+
+
+def build_trainer(name: str, mode: str, args: argparse.Namespace, output_dir: str, **overrides):
+    """The trainer for defense `name` in `mode` (`full` or `lora`), with the test hyperparameters."""
+    from trl_safety.registry import get_defense
+
+    case = CASES[name]
+    tokenizer = build_tokenizer()
+    train = prompt_completion_dataset(NUM_SAMPLES, seed=0)
+    common = dict(
+        output_dir=output_dir,
+        bf16=False,
+        use_cpu=args.use_cpu,
+        ddp_backend=args.ddp_backend,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_steps=args.max_steps or case.get("max_steps", 2),
+        # SGD without clipping: the update is −lr × gradient, so a gradient difference is not amplified (Adam
+        # would turn a rounding-level difference of a near-zero gradient into a full-size step)
+        optim="sgd",
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        max_length=32,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        data_seed=0,
+        dataloader_drop_last=False,
+        disable_tqdm=True,
+    )
+    common.update(overrides)
+    if name in ("sft", "antidote", "safelora"):
+        trainer_class, config = SFTTrainer, SFTConfig(**common)
+        extra = {}
+    else:
+        spec = get_defense(name)
+        trainer_class = spec.trainer_class
+        config = spec.config_class(**common, **case.get("config", {}))
+        extra = {}
+        for role in trainer_class.extra_datasets:
+            kind = case.get(role, "distinct")
+            extra[f"{role}_dataset"] = _extra_dataset(kind, seed={"alignment": 1, "harmful": 2}[role], train=train)
+    torch.manual_seed(0)  # same LoRA initialisation in every process
+    return trainer_class(
+        model=build_model("llama", hidden=32, layers=2, seed=0),
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=lora_config() if mode == "lora" else None,
+        callbacks=_callbacks(name, case, tokenizer),
+        **extra,
+    )
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def gathered_state(model, only_trainable: bool) -> dict[str, torch.Tensor]:
+    """Full copies of the parameters (ZeRO-3 shards gathered on every rank)."""
+    from trl_safety.core.distributed import gathered
+
+    params = dict(model.named_parameters())
+    with torch.no_grad(), gathered(list(params.values())):
+        return {
+            n: p.detach().float().cpu().clone()
+            for n, p in params.items()
+            if p.requires_grad or not only_trainable or getattr(p, "ds_id", None) is not None and False
+        }
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for n in sorted(state):
+        h.update(n.encode())
+        h.update(state[n].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _all_gather(obj, trainer) -> list:
+    if trainer.accelerator.num_processes == 1:
+        return [obj]
+    out = [None] * trainer.accelerator.num_processes
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def train_once(name: str, mode: str, args: argparse.Namespace) -> tuple[dict, object]:
+    from trl_safety.core.distributed import backend_name
+
+    output_dir = os.path.join(args.output_dir, f"{name}-{mode}")
+    trainer = build_trainer(name, mode, args, output_dir)
+    model = trainer.model
+    only_trainable = mode == "lora"
+    initial = {n: p.detach().float().cpu().clone() for n, p in _trainable(model).items()}
+    trainer.train()
+    trainable_names = set(initial)
+    state = gathered_state(trainer.model, only_trainable=False)
+    hashes = _all_gather(digest(state), trainer)
+    result = {
+        "defense": name,
+        "mode": mode,
+        "backend": backend_name(trainer.accelerator),
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "num_processes": trainer.accelerator.num_processes,
+        "global_step": trainer.state.global_step,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "rank_hashes": hashes,
+        "checksum": float(sum(t.double().sum() for t in state.values())),
+    }
+    if trainer.accelerator.is_main_process:
+        final = {n: t for n, t in state.items() if n in trainable_names}
+        if not only_trainable:
+            final = state
+        torch.save({"initial": initial, "final": final}, os.path.join(args.output_dir, f"{name}-{mode}.pt"))
+    return result, trainer
+
+
+def expect_unsupported(name: str, args: argparse.Namespace) -> dict:
+    """Construct the trainer only; record the error it raises before training (or None)."""
+    try:
+        trainer = build_trainer(name, "lora", args, os.path.join(args.output_dir, f"{name}-unsupported"))
+    except NotImplementedError as error:
+        return {"defense": name, "error_type": type(error).__name__, "error": str(error)}
+    from trl_safety.core.distributed import backend_name
+
+    return {"defense": name, "error_type": None, "error": None, "backend": backend_name(trainer.accelerator)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--defense", required=True, help="Comma-separated registry names, or `sft`.")
+    parser.add_argument("--modes", default="full,lora", help="Comma-separated: full, lora.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=2)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
+    parser.add_argument("--max_steps", type=int, default=None, help="Default: the case's (2, or 4 for Lisa).")
+    parser.add_argument("--use_cpu", default="false", help="`true` for DDP on CPU (see the accelerate configs).")
+    parser.add_argument("--ddp_backend", default=None, help="`gloo` for DeepSpeed on CPU.")
+    parser.add_argument("--expect_unsupported", action="store_true")
+    args = parser.parse_args(argv)
+    args.use_cpu = str(args.use_cpu).lower() in ("1", "true", "yes")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.set_num_threads(1)
+    results, errors, trainer = [], [], None
+    for name in args.defense.split(","):
+        if args.expect_unsupported:
+            errors.append(expect_unsupported(name, args))
+            continue
+        modes = [m for m in args.modes.split(",") if m in CASES[name].get("modes", ("full", "lora"))]
+        for mode in modes:
+            try:
+                result, trainer = train_once(name, mode, args)
+            except Exception:  # record it and go on with the next mode; the test reports the traceback
+                result = {"defense": name, "mode": mode, "exception": traceback.format_exc()}
+                print(result["exception"], file=sys.stderr, flush=True)
+            results.append(result)
+    summary = {"results": results, "unsupported": errors}
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        with open(os.path.join(args.output_dir, "result.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(DONE_MARKER, flush=True)
+    if trainer is not None:
+        trainer.end()  # destroys the process group (transformers >= 5.18), as TRL's scripts do
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""`ProximalCallback`: Lisa's proximal term on any trainer."""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback
+
+from ..core.config import check_range
+from ..core.proximal import ProximalTerm, anchor_from_pretrained, micro_batches_in_step, proximal_active
+from ..core.snapshot import trainable_parameters
+
+
+logger = logging.getLogger(__name__)
+
+
+class ProximalCallback(TrainerCallback):
+    r"""
+    A [`~transformers.TrainerCallback`] that pulls the trainable weights towards an anchor with Lisa's proximal term
+    ρ/2‖w − anchor‖², on any trainer ([`~trl.SFTTrainer`], [`~trl.DPOTrainer`], KTO, GRPO or a plain
+    [`~transformers.Trainer`]).
+
+    At `on_train_begin` a gradient hook is registered on every trainable parameter (the LoRA factors of a PEFT model);
+    each backward adds ρ(w − anchor)/k to the parameter's gradient, with k the number of micro-batches of the optimizer
+    step, so an optimizer step carries exactly ρ(w − anchor). Hooks run before DDP/DeepSpeed gradient reduction and
+    see the gathered parameter under ZeRO-3, so the callback works on one process, DDP, ZeRO-2 and ZeRO-3. They are
+    removed at `on_train_end`. The mechanics are those of [`LisaTrainer`] (`trl_safety.core.proximal`): with
+    `alignment_steps=0` Lisa is this callback on [`~trl.SFTTrainer`]. Lisa's alternation with alignment data needs the
+    batches and so the trainer subclass.
+
+    Args:
+        rho (`float`, *optional*, defaults to `1.0`):
+            Proximal intensity ρ.
+        anchor (`str` or `None`, *optional*, defaults to `None`):
+            `None` anchors at the weights when training starts (on a resumed run: the resumed weights). A path
+            anchors at the weights saved there by `save_pretrained`: a PEFT adapter folder (for a PEFT model, e.g. the
+            aligned adapter continued in Single-LoRA mode) or a full model folder (e.g. the aligned checkpoint).
+        reanchor_steps (`int` or `None`, *optional*, defaults to `None`):
+            Move the anchor to the current weights every `reanchor_steps` optimizer steps (a lazy, Lisa-like drift
+            limit without alignment data). `None` keeps it fixed.
+        warmup_ratio (`float`, *optional*, defaults to `0.0`):
+            The term is off for optimizer steps `0 … ⌊warmup_ratio · max_steps⌋` (Lisa's official warm-up uses 0.1).
+
+    The last applied value of ρ/2‖w − anchor‖² is kept in `last_value` after every optimizer step.
+
+    Example:
+
+    ```python
+    from trl import DPOConfig, DPOTrainer
+    from trl_safety.callbacks import ProximalCallback
+
+    trainer = DPOTrainer(
+        model=model,
+        args=DPOConfig(output_dir="dpo-proximal"),
+        train_dataset=preference_dataset,
+        processing_class=tokenizer,
+        callbacks=[ProximalCallback(rho=1.0, anchor="path/to/aligned-model")],
+    )
+    trainer.train()
+    ```
+    """
+
+    def __init__(
+        self,
+        rho: float = 1.0,
+        anchor: str | None = None,
+        reanchor_steps: int | None = None,
+        warmup_ratio: float = 0.0,
+    ):
+        self.rho = rho
+        self.anchor = anchor
+        self.reanchor_steps = reanchor_steps
+        self.warmup_ratio = warmup_ratio
+        check_range(self, "rho", 0.0)
+        check_range(self, "reanchor_steps", 1)
+        check_range(self, "warmup_ratio", 0.0, 1.0)
+        self.term: ProximalTerm | None = None
+        self.last_value: float | None = None
+        self._scale = 1.0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("ProximalCallback needs the model in `on_train_begin` (every transformers Trainer passes it).")
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError("ProximalCallback found no trainable parameter (`requires_grad=True`) in the model.")
+        anchor = anchor_from_pretrained(self.anchor, params) if self.anchor is not None else None
+        self.term = ProximalTerm(params, self.rho, anchor=anchor, scale=lambda: self._scale)
+        if self.rho > 0:
+            self.term.attach()
+        logger.info("ProximalCallback: rho=%s on %d trainable tensors.", self.rho, len(params))
+
+    def on_step_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if self.term is None:
+            return
+        step = state.global_step
+        if self.reanchor_steps and step > 0 and step % self.reanchor_steps == 0:
+            self.term.reanchor()
+        # Trainer groups the last micro-batches of an epoch into a shorter step; the share per backward follows it
+        self._scale = 1.0 / micro_batches_in_step(args, step, train_dataloader)
+        self.term.enabled = proximal_active(step, state.max_steps, self.warmup_ratio)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.term is not None:
+            self.last_value = self.term.pop_value() or 0.0
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.term is not None:
+            self.term.remove()
+            self.term = None

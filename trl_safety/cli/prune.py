@@ -1,0 +1,177 @@
+"""`trl-safety prune`: repair a fine-tuned model or adapter with a post-fine-tuning defense.
+
+```bash
+# Antidote: prune the fine-tuning LoRA adapter on harmful calibration data
+trl-safety prune --defense antidote --model sft-run/ --harmful_dataset_name data/harmful.jsonl \
+    --prune_ratio 0.1 --output_dir sft-run-antidote
+
+# SafeLoRA: project the adapter onto the alignment subspace (aligned = base + merged alignment adapter)
+trl-safety prune --defense safelora --model sft-run/ --base_model meta-llama/Llama-2-7b-hf \
+    --aligned_model vaccine-aligned/ --num_proj_layers 10 --output_dir sft-run-safelora
+```
+
+A `--model` folder holding `adapter_config.json` is a PEFT adapter: it is loaded on its base model (the one recorded
+in the adapter config, or `--adapter_base_model`) and the repaired adapter is saved. Any other folder or Hub id is
+loaded as a full model and saved whole. The output folder also gets `defense_config.json`, a model card, and the
+defense's statistics (`antidote_mask_stats.json`, `safelora_stats.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PruneArguments:
+    """Script arguments of `trl-safety prune` (the defense's own config adds its hyperparameters)."""
+
+    model: str = field(
+        metadata={"help": "Fine-tuned model (folder or Hub id), or a PEFT adapter folder, loaded on its base model."}
+    )
+    output_dir: str = field(metadata={"help": "Where to save the repaired model or adapter."})
+    adapter_base_model: str | None = field(
+        default=None,
+        metadata={"help": "Base model to load a PEFT adapter on (default: the one recorded in adapter_config.json)."},
+    )
+    base_model: str | None = field(
+        default=None, metadata={"help": "SafeLoRA: the unaligned base model (folder or Hub id)."}
+    )
+    aligned_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "SafeLoRA: the aligned model (folder or Hub id), or an alignment-adapter folder, which is merged "
+            "onto --base_model."
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weight dtype to load with.", "choices": ["auto", "float32", "bfloat16", "float16"]},
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Device for the repair (default: cuda when available, else cpu)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship custom code."})
+
+
+def _post_fine_tuning_names() -> list[str]:
+    from trl_safety.registry import list_defenses
+
+    return [spec.name for spec in list_defenses("post-fine-tuning") if spec.post_hoc is not None]
+
+
+def _load_tokenizer(*sources: str | None):
+    from transformers import AutoTokenizer
+
+    for source in sources:
+        if source is None:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def load_model_for_repair(args: PruneArguments):
+    """Load `args.model` (full model, or adapter on its base). Returns `(model, tokenizer, is_adapter, base_name)`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
+    is_adapter = os.path.isfile(os.path.join(args.model, "adapter_config.json"))
+    if is_adapter:
+        from peft import PeftConfig, PeftModel
+
+        base_name = args.adapter_base_model or PeftConfig.from_pretrained(args.model).base_model_name_or_path
+        if base_name is None:
+            raise SystemExit(f"{args.model} does not record its base model; pass --adapter_base_model.")
+        base = AutoModelForCausalLM.from_pretrained(base_name, **kwargs)
+        model = PeftModel.from_pretrained(base, args.model, is_trainable=False)
+        tokenizer = _load_tokenizer(args.model, base_name)
+    else:
+        base_name = args.model
+        model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+        tokenizer = _load_tokenizer(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), tokenizer, is_adapter, base_name
+
+
+def _jsonable(value):
+    return value if isinstance(value, (int, float, str, bool, type(None), list, dict)) else str(value)
+
+
+def save_repaired(model, tokenizer, spec, config, args: PruneArguments, is_adapter: bool, base_name: str) -> None:
+    """Save the model or adapter with `defense_config.json` and a model card naming the defense."""
+    from trl_safety.core.card import DEFENSE_CONFIG_NAME, build_model_card
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    model.save_pretrained(args.output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output_dir)
+    datasets = {}
+    if getattr(config, "harmful_dataset_name", None):
+        datasets["harmful dataset"] = config.harmful_dataset_name
+    for role in ("base_model", "aligned_model"):
+        if getattr(args, role):
+            datasets[role.replace("_", " ")] = getattr(args, role)
+    info = {
+        "defense": spec.name,
+        "title": getattr(spec.config_class, "_name", spec.name),
+        "stage": spec.stage,
+        "trainer": f"trl-safety prune --defense {spec.name}",
+        "hyperparameters": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
+        "datasets": datasets,
+        "paper": dict(getattr(spec.config_class, "_paper", {})),
+        "base_model": base_name,
+        "is_adapter": is_adapter,
+        "repaired_model": args.model,
+        "licence_notes": [],
+    }
+    with open(os.path.join(args.output_dir, DEFENSE_CONFIG_NAME), "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True, default=str)
+    card = build_model_card(info, model_name=os.path.basename(os.path.normpath(args.output_dir)))
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "prune") -> int:
+    from transformers import HfArgumentParser
+
+    from trl_safety.cli.train import _pop_defense
+    from trl_safety.registry import get_defense
+
+    defense, rest = _pop_defense(argv)
+    names = _post_fine_tuning_names()
+    if defense is None:
+        usage = f"usage: {prog} --defense {{{','.join(names)}}} --model PATH --output_dir OUT [defense options]"
+        if "-h" in rest or "--help" in rest:
+            print(f"{usage}\n\nRun `{prog} --defense NAME --help` for the options of a defense.")
+            return 0
+        print(
+            f"{prog}: choose a post-fine-tuning defense with --defense ({', '.join(names)}).\n{usage}", file=sys.stderr
+        )
+        return 2
+    spec = get_defense(defense)
+    if spec.stage != "post-fine-tuning" or spec.post_hoc is None:
+        right = "align" if spec.stage == "alignment" else "sft"
+        raise SystemExit(
+            f"Defense {defense!r} runs at the {spec.stage} stage; use `trl-safety {right}`. "
+            f"`{prog}` runs: {', '.join(names)}."
+        )
+
+    parser = HfArgumentParser((PruneArguments, spec.config_class), prog=f"{prog} --defense {defense}")
+    args, config = parser.parse_args_into_dataclasses(rest)
+    model, tokenizer, is_adapter, base_name = load_model_for_repair(args)
+
+    kwargs = {"processing_class": tokenizer, "base_model": args.base_model, "aligned_model": args.aligned_model}
+    if "output_dir" in inspect.signature(spec.post_hoc).parameters:
+        kwargs["output_dir"] = args.output_dir
+    model = spec.post_hoc(model, config, **kwargs)
+    save_repaired(model, tokenizer, spec, config, args, is_adapter, base_name)
+    print(f"{spec.name}: repaired {'adapter' if is_adapter else 'model'} saved to {args.output_dir}.")
+    return 0

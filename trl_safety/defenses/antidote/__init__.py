@@ -1,0 +1,34 @@
+"""Antidote (post-fine-tuning): one-shot Wanda-style pruning of the weights that produce harmful answers."""
+
+from ...registry import DefenseSpec, register_defense
+from .antidote_callback import AntidoteCallback
+from .antidote_config import AntidoteConfig
+from .antidote_prune import ANTIDOTE_STATS_NAME, antidote_prune
+
+
+def _post_hoc(
+    model,
+    config,
+    *,
+    harmful_dataset=None,
+    processing_class=None,
+    base_model=None,
+    aligned_model=None,
+    output_dir=None,
+):
+    """Registry entry point: Antidote needs only the harmful data (base and aligned models are ignored)."""
+    return antidote_prune(model, harmful_dataset, config, processing_class=processing_class, output_dir=output_dir)
+
+
+register_defense(
+    DefenseSpec(
+        name="antidote",
+        stage="post-fine-tuning",
+        config_class=AntidoteConfig,
+        trainer_class=None,
+        post_hoc=_post_hoc,
+        description="Post-fine-tuning Wanda pruning of the weights most important on harmful data (Huang et al.)",
+    )
+)
+
+__all__ = ["ANTIDOTE_STATS_NAME", "AntidoteCallback", "AntidoteConfig", "antidote_prune"]

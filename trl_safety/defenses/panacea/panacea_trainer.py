@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import logging
+import textwrap
+
+import torch
+from trl import SFTTrainer
+
+from ...core.snapshot import ParameterSnapshot, trainable_parameters
+from ...core.trainer import DefenseTrainerMixin
+from ...core.weight_perturbation import (
+    extra_term_scale,
+    global_norm,
+    normalized_step,
+    parameter_gradients,
+    shifted_parameters,
+    value_neutral_term,
+)
+from .panacea_config import PanaceaConfig
+
+
+logger = logging.getLogger(__name__)
+
+ZERO3_REASON = (
+    "Panacea moves the trainable weights in place to evaluate the perturbed harmful loss, which ZeRO-3's parameter "
+    "shards do not allow (integration notes §4.4, measured for Booster's identical step)."
+)
+
+
+class PanaceaTrainer(DefenseTrainerMixin, SFTTrainer):
+    """
+    Trainer for Panacea: fine-tuning with an adversarial weight perturbation, added to the weights after training.
+
+    Per micro-batch, on a batch `hb` from the cycling harmful loader:
+
+    1. `g_h = ∇h(w)`; `ε = ρ·g_h/(‖g_h‖ + 1e-7)` (ascent direction, global norm over the trainable parameters);
+    2. `∇ min(h(w + ε), c)` at the moved weights, then exact restore of `w`;
+    3. gradient `∇g(w) − λ·(∇min(h(w+ε), c) − ∇h(w))`, the extra term joining the one real backward (÷GA).
+
+    When training ends, `w ← w + ε_last` (`add_eps=True`), so `save_model()` writes the perturbed weights. It trains
+    during the fine-tuning stage (registered as `fine-tuning`) and includes that post-fine-tuning addition.
+    The released code does not run (undefined `clip_loss_h`); this follows the paper's description.
+
+    Takes every argument of [`~trl.SFTTrainer`] plus `harmful_dataset=`; `train_dataset` is the user's data.
+    """
+
+    defense_name = "panacea"
+    stage = "fine-tuning"
+    config_class = PanaceaConfig
+    extra_datasets = ("harmful",)
+    unsupported_backends = {"zero3": ZERO3_REASON}
+    _name = "Panacea"
+    _tag_names = ["trl", "sft", "trl-safety", "panacea"]
+    _paper = {
+        "title": "Panacea: Mitigating Harmful Fine-tuning for Large Language Models via Post-fine-tuning Perturbation",
+        "id": "2501.18100",
+        "citation": textwrap.dedent(
+            """\
+            @inproceedings{wang2025panacea,
+                title        = {{Panacea: Mitigating Harmful Fine-tuning for Large Language Models via Post-fine-tuning Perturbation}},
+                author       = {Yibo Wang and Tiansheng Huang and Li Shen and Huanjin Yao and Haotian Luo and Rui Liu and Naiqiang Tan and Jiaxing Huang and Dacheng Tao},
+                year         = 2025,
+                booktitle    = {Advances in Neural Information Processing Systems},
+            }"""
+        ),
+    }
+
+    def setup_defense(self) -> None:
+        self._harmful_batches = self.cycling_batches("harmful", self.args.harmful_batch_size)
+        self._trainable = trainable_parameters(self.model)
+        self._snapshot = None
+        self._pending_gradient = None
+        # ε of the last micro-step, by parameter name (None until the first step)
+        self.last_eps: dict[str, torch.Tensor] | None = None
+        self.eps_added = False
+
+    @property
+    def _active(self) -> bool:
+        # ε is needed for its gradient term (λ>0) or for the post-training addition
+        return self.args.rho > 0 and (self.args.lamb > 0 or self.args.add_eps)
+
+    def defense_state_dict(self):
+        state = {"harmful_batches": self._harmful_batches.state_dict()}
+        if self.last_eps is not None:
+            state["last_eps"] = {name: t.detach().cpu() for name, t in self.last_eps.items()}
+        return state
+
+    def load_defense_state_dict(self, state):
+        self._harmful_batches.load_state_dict(state["harmful_batches"])
+        if "last_eps" in state:
+            missing = set(self._trainable) ^ set(state["last_eps"])
+            if missing:
+                raise ValueError(
+                    f"The checkpoint's Panacea ε does not match the trainable parameters ({sorted(missing)[:3]}...)."
+                )
+            self.last_eps = {n: state["last_eps"][n].to(p.device, p.dtype) for n, p in self._trainable.items()}
+
+    # ------------------------------------------------------------------------------------------------- the step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._active:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        bare = self.accelerator.unwrap_model(model)
+        names, params = list(self._trainable), list(self._trainable.values())
+        if self._snapshot is None:
+            self._snapshot = ParameterSnapshot(self._trainable)
+        harmful = self._prepare_inputs(next(self._harmful_batches))
+        autocast = self.compute_loss_context_manager
+        grads, loss = parameter_gradients(bare, harmful, params, autocast=autocast)
+        norm = global_norm(grads)
+        eps = normalized_step(grads, self.args.rho, norm)
+        self.last_eps = {name: e.detach().clone() for name, e in zip(names, eps)}
+        self.log_metric("harmful_loss", loss)
+        self.log_metric("harmful_grad_norm", norm)
+        if self.args.lamb > 0:
+            clamp = self.args.harmful_loss_clamp
+
+            def clamped(h):
+                # min(h, c): above the clamp the gradient is zero, so detach and skip that backward altogether
+                return h if h.item() <= clamp else h.detach().clamp(max=clamp)
+
+            with shifted_parameters(self._snapshot, eps):
+                moved, moved_loss = parameter_gradients(
+                    bare, harmful, params, autocast=autocast, loss_transform=clamped
+                )
+            self.log_metric("harmful_loss_perturbed", moved_loss)
+            lamb = self.args.lamb
+            self._pending_gradient = [-lamb * (m - g) for m, g in zip(moved, grads)]
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._pending_gradient = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        extra, self._pending_gradient = self._pending_gradient, None
+        if extra is None:
+            return result
+        term = value_neutral_term(list(self._trainable.values()), extra) * extra_term_scale(self, num_items_in_batch)
+        if return_outputs:
+            loss, outputs = result
+            return loss + term.to(loss.dtype), outputs
+        return result + term.to(result.dtype)
+
+    # ------------------------------------------------------------------------------------------ post-training ε
+    @torch.no_grad()
+    def add_last_eps(self) -> None:
+        """`w ← w + ε_last` on the trainable parameters (once)."""
+        if self.eps_added or self.last_eps is None:
+            return
+        for name, param in self._trainable.items():
+            param.add_(self.last_eps[name].to(param.device, param.dtype))
+        self.eps_added = True
+        logger.info(
+            "Panacea: added the last ε (norm %.4g) to the trainable weights.",
+            global_norm(list(self.last_eps.values())),
+        )
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.args.add_eps:
+            self.add_last_eps()
+        return output

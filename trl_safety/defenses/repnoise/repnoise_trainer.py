@@ -1,0 +1,291 @@
+"""RepNoise: Representation Noising (Rosati et al., NeurIPS 2024), `algorithms.md` §2.5.
+
+On a paired micro-batch (harmless = harmful prompt → refusal, harmful = same prompt → harmful answer):
+
+    L = L_harmless + β · MMD_noise − α · log(L̄_harm + 1)
+
+- L_harmless: cross-entropy of the refusal on the tokens that differ from the paired harmful sequence;
+- MMD_noise: mean over decoder layers of MMD(masked MLP output of the harmful batch, masked Gaussian noise), each
+  sample flattened, kernel = Σ of 5 Gaussians with bandwidths b·2^(i−2), b = mean pairwise squared distance;
+- L̄_harm: (CE of the final logits + Σ_h CE(lm_head(norm(h))) over all hidden states h) / number of hidden states,
+  on the harmful answer's differing tokens (the "logit lens").
+
+Pairing: row i of the `train_dataset` goes with row i of the harmful dataset. Both get a row-index column before
+TRL's preparation, the train collator carries it into the batch, and the harmful rows are looked up by it, so
+shuffling and TRL's row filtering keep the pairs intact.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+from trl import SFTTrainer
+
+from ...core.hooks import first_tensor, gradient_checkpointing_disabled
+from ...core.layers import get_decoder_layers, unwrap_model
+from ...core.perturbation import needs_full_activations
+from ...core.trainer import DefenseTrainerMixin
+from .repnoise_config import RepNoiseConfig
+
+
+logger = logging.getLogger(__name__)
+
+PAIR_COLUMN = "repnoise_pair_index"
+_KERNEL_MUL = 2.0
+_KERNEL_NUM = 5
+
+_CITATION = """\
+@inproceedings{rosati2024representation,
+    title     = {{Representation Noising: A Defence Mechanism Against Harmful Finetuning}},
+    author    = {Domenic Rosati and Jan Wehner and Kai Williams and Lukasz Bartoszcze and Robie Gonzales and
+                 Carsten Maple and Subhabrata Majumdar and Hassan Sajjad and Frank Rudzicz},
+    booktitle = {Advances in Neural Information Processing Systems},
+    year      = {2024},
+    eprint    = {2405.14577},
+    archivePrefix = {arXiv}
+}"""
+
+
+def mmd_gaussian(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Biased MMD² between two sample sets `(n, D)` with RepNoise's multi-bandwidth Gaussian kernel.
+
+    The base bandwidth is the mean squared distance over distinct pairs of the pooled samples (not differentiated, as
+    in the original's `.data`); the 5 bandwidths are base · 2^(i−2), i = 0..4.
+    """
+    total = torch.cat([source, target], dim=0).float()
+    n = total.size(0)
+    squared = (total**2).sum(dim=1)
+    distances = (squared[:, None] + squared[None, :] - 2 * total @ total.T).clamp(min=0)
+    bandwidth = distances.detach().sum() / (n * n - n)
+    bandwidth = bandwidth / _KERNEL_MUL ** (_KERNEL_NUM // 2)
+    kernel = sum(torch.exp(-distances / (bandwidth * _KERNEL_MUL**i)) for i in range(_KERNEL_NUM))
+    b = source.size(0)
+    return (kernel[:b, :b] + kernel[b:, b:] - kernel[:b, b:] - kernel[b:, :b]).mean()
+
+
+def differing_tokens(ids, attention_mask, other_ids, other_attention_mask) -> torch.Tensor:
+    """True at real tokens of `ids` that differ from the paired sequence at the same position, or lie past its end.
+
+    Both batches are right-padded, so position t of row i is token t of both sequences.
+    """
+    length = ids.size(1)
+    aligned = torch.full_like(ids, -1)
+    common = min(length, other_ids.size(1))
+    aligned[:, :common] = other_ids[:, :common]
+    other_lengths = other_attention_mask.sum(dim=1, keepdim=True)
+    positions = torch.arange(length, device=ids.device)[None, :]
+    return ((ids != aligned) | (positions >= other_lengths)) & attention_mask.bool()
+
+
+def _check_right_padded(attention_mask: torch.Tensor, role: str) -> None:
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    expected = torch.arange(attention_mask.size(1), device=attention_mask.device)[None, :] < lengths
+    if not torch.equal(attention_mask.bool(), expected):
+        raise ValueError(f"RepNoise needs right-padded {role} batches (it compares paired sequences by position).")
+
+
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean cross-entropy of next-token `logits` `(N, V)` against `labels` `(N,)` (all valid)."""
+    return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="mean")
+
+
+class _PairIndexCollator:
+    """Wraps a collator so the pair-index column reaches the batch (TRL's collator drops unknown keys)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        index = torch.tensor([example[PAIR_COLUMN] for example in examples], dtype=torch.long)
+        batch = self.collator([{k: v for k, v in example.items() if k != PAIR_COLUMN} for example in examples])
+        batch[PAIR_COLUMN] = index
+        return batch
+
+
+class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
+    """Drop-in [`~trl.SFTTrainer`] training RepNoise on paired data.
+
+    `train_dataset` is the harmless (refusal) data and `harmful_dataset` the harmful answers to the same prompts, paired
+    by row (row i with row i; the harmful dataset may be longer). See [`RepNoiseConfig`].
+    """
+
+    defense_name = "repnoise"
+    stage = "alignment"
+    config_class = RepNoiseConfig
+    extra_datasets = ("harmful",)
+    unsupported_backends = {
+        "fsdp": "the logit lens reads the final norm and LM head directly, which is untested on sharded FSDP modules.",
+    }
+    # The loss is a per-micro-batch mean (with a log), so Trainer divides it by the accumulation steps
+    loss_is_scaled_for_ga = False
+    _name = "RepNoise"
+    _paper = {
+        "title": "Representation Noising: A Defence Mechanism Against Harmful Finetuning",
+        "id": "2405.14577",
+        "citation": _CITATION,
+    }
+    _tag_names = ["trl", "sft", "trl-safety", "repnoise"]
+
+    def __init__(self, model, args=None, data_collator=None, train_dataset=None, *positional, **kwargs):
+        if train_dataset is not None:
+            train_dataset = self._with_pair_index(train_dataset, "train")
+        super().__init__(model, args, data_collator, train_dataset, *positional, **kwargs)
+
+    @staticmethod
+    def _with_pair_index(dataset, role):
+        if PAIR_COLUMN in getattr(dataset, "column_names", []):
+            return dataset
+        if not hasattr(dataset, "add_column"):
+            raise TypeError(f"RepNoise needs the {role} dataset as a map-style `datasets.Dataset` (rows are paired).")
+        return dataset.add_column(PAIR_COLUMN, list(range(len(dataset))))
+
+    def _load_extra_dataset(self, role, dataset, args):
+        return self._with_pair_index(super()._load_extra_dataset(role, dataset, args), role)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and PAIR_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, PAIR_COLUMN]
+
+    def setup_defense(self) -> None:
+        args = self.args
+        if PAIR_COLUMN not in self.train_dataset.column_names:
+            raise ValueError("RepNoise lost the pair index of the train dataset during preparation.")
+        self.data_collator = _PairIndexCollator(self.data_collator)
+        self._harmful_position = {index: row for row, index in enumerate(self.harmful_dataset[PAIR_COLUMN])}
+        missing = [i for i in self.train_dataset[PAIR_COLUMN] if i not in self._harmful_position]
+        if missing:
+            raise ValueError(
+                f"RepNoise pairs train_dataset row i with harmful_dataset row i, but {len(missing)} train rows (e.g. "
+                f"{missing[:5]}) have no harmful partner: the harmful dataset is shorter, or its rows were dropped by "
+                "truncation to `max_length`. Give a harmful dataset with one row per train row."
+            )
+        base = unwrap_model(self.model)
+        self._layers = list(get_decoder_layers(self.model, args.layers_path))
+        self._mlps = []
+        for index, layer in enumerate(self._layers):
+            mlp = getattr(layer, args.mlp_attr, None)
+            if not isinstance(mlp, torch.nn.Module):
+                raise ValueError(
+                    f"Decoder layer {index} ({type(layer).__name__}) has no MLP submodule `{args.mlp_attr}`; set "
+                    "`mlp_attr` to its name."
+                )
+            self._mlps.append(mlp)
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        self._final_norm = getattr(decoder, args.final_norm_attr, None)
+        if not isinstance(self._final_norm, torch.nn.Module):
+            raise ValueError(
+                f"Could not find the final norm `{args.final_norm_attr}` of {type(base).__name__}'s decoder (needed "
+                "for RepNoise's logit lens); set `final_norm_attr`."
+            )
+        self._micro_batch = (-1, 0)
+
+    # --------------------------------------------------------------------------------------------------- helpers
+    def _harmful_batch(self, pair_index: torch.Tensor):
+        rows = self.harmful_dataset.select([self._harmful_position[i] for i in pair_index.tolist()])
+        examples = [{"input_ids": row["input_ids"], "labels": row["labels"]} for row in rows]
+        return self._prepare_inputs(self.data_collator.collator(examples))
+
+    def _noise_generator(self, device) -> torch.Generator:
+        """Seeded from (seed, rank, step, micro-batch): resumed runs draw the same noise, ranks draw different noise."""
+        step = self.state.global_step
+        micro = self._micro_batch[1] + 1 if self._micro_batch[0] == step else 0
+        self._micro_batch = (step, micro)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(hash((self.args.seed, self.accelerator.process_index, step, micro)) % (2**63))
+        return generator
+
+    def _noise_loss(self, mlp_outputs, mask, device) -> torch.Tensor:
+        generator = self._noise_generator(device)
+        if not mask.any():  # nothing to push towards noise (and a zero bandwidth)
+            return sum(hidden.sum() for hidden in mlp_outputs) * 0.0
+        total = 0.0
+        for hidden in mlp_outputs:
+            keep = mask.unsqueeze(-1).to(hidden.dtype)
+            hidden = hidden * keep
+            noise = torch.randn(hidden.shape, generator=generator, device=device, dtype=torch.float32)
+            noise = noise.to(hidden.dtype) * keep
+            total = total + mmd_gaussian(hidden.flatten(1), noise.flatten(1))
+        return total / len(mlp_outputs)
+
+    def _harmful_loss(self, outputs, labels) -> torch.Tensor:
+        """L̄_harm: CE of the final logits plus the logit-lens CE of every hidden state, over their number."""
+        targets = labels[:, 1:]
+        select = targets != -100
+        targets = targets[select]
+        if targets.numel() == 0:
+            return outputs.logits.sum() * 0.0
+        lm_head = unwrap_model(self.model).get_output_embeddings()
+        total = masked_ce(outputs.logits[:, :-1][select], targets)
+        for hidden in outputs.hidden_states:
+            # The norm is per token, so projecting only the scored positions is exact
+            total = total + masked_ce(lm_head(self._final_norm(hidden[:, :-1][select])), targets)
+        return total / len(outputs.hidden_states)
+
+    # ------------------------------------------------------------------------------------------------- the loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if PAIR_COLUMN not in inputs:  # evaluation data is not paired: plain SFT loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        harmful = self._harmful_batch(inputs.pop(PAIR_COLUMN))
+        _check_right_padded(inputs["attention_mask"], "harmless")
+        _check_right_padded(harmful["attention_mask"], "harmful")
+        harmless_keep = differing_tokens(
+            inputs["input_ids"], inputs["attention_mask"], harmful["input_ids"], harmful["attention_mask"]
+        )
+        harmful_keep = differing_tokens(
+            harmful["input_ids"], harmful["attention_mask"], inputs["input_ids"], inputs["attention_mask"]
+        )
+        harmless_labels = inputs["labels"].masked_fill(~harmless_keep, -100)
+        harmful_labels = harmful["labels"].masked_fill(~harmful_keep, -100)
+        harmful_answer = harmful_labels != -100  # positions of the harmful answer's differing tokens
+        alpha, beta = self.args.alpha, self.args.beta
+
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=harmless_labels,
+            fused_lm_head=True,
+            use_cache=False,
+        )
+        count = outputs.label_mask.sum()
+        harmless_loss = -outputs.log_probs.sum() / count.clamp(min=1)
+        loss = harmless_loss
+        self.log_metric("repnoise/harmless_loss", harmless_loss)
+
+        if alpha != 0 or beta != 0:
+            mlp_outputs: list[torch.Tensor | None] = [None] * len(self._mlps)
+
+            def make_hook(index):
+                def hook(_module, _inputs, output):
+                    if mlp_outputs[index] is None:  # the first call; checkpoint recomputation must not replace it
+                        mlp_outputs[index] = first_tensor(output)
+
+                return hook
+
+            handles = [mlp.register_forward_hook(make_hook(i)) for i, mlp in enumerate(self._mlps)] if beta else []
+            # Under reentrant checkpointing, activations inside a layer are computed without grad; run this pass with
+            # full activations so the MMD term gets its gradient
+            full = beta != 0 and needs_full_activations(self._layers)
+            try:
+                with gradient_checkpointing_disabled(self._layers) if full else nullcontext():
+                    harmful_outputs = model(
+                        input_ids=harmful["input_ids"],
+                        attention_mask=harmful["attention_mask"],
+                        output_hidden_states=alpha != 0,
+                        use_cache=False,
+                    )
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if alpha != 0:
+                harmful_loss = self._harmful_loss(harmful_outputs, harmful_labels)
+                loss = loss - alpha * torch.log(harmful_loss + 1)
+                self.log_metric("repnoise/harmful_loss", harmful_loss)
+            if beta != 0:
+                noise_loss = self._noise_loss(mlp_outputs, harmful_answer, harmful["input_ids"].device)
+                loss = loss + beta * noise_loss
+                self.log_metric("repnoise/mmd_noise", noise_loss)
+        return (loss, outputs) if return_outputs else loss

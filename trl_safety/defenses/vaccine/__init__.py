@@ -1,0 +1,21 @@
+"""Vaccine: perturbation-aware alignment (alignment stage)."""
+
+from ...registry import DefenseSpec, register_defense
+from .vaccine_config import VaccineConfig
+from .vaccine_trainer import VaccineTrainer
+
+
+register_defense(
+    DefenseSpec(
+        name="vaccine",
+        stage="alignment",
+        config_class=VaccineConfig,
+        trainer_class=VaccineTrainer,
+        unsupported_backends=tuple(VaccineTrainer.unsupported_backends),
+        description="Perturbation-aware alignment: train on safety data under worst-case attention-output "
+        "perturbations of radius rho.",
+        bench_overrides={"rho": 5.0},
+    )
+)
+
+__all__ = ["VaccineConfig", "VaccineTrainer"]

@@ -1,0 +1,120 @@
+"""Vaccine: perturbation-aware alignment (Huang et al., NeurIPS 2024), `algorithms.md` §2.1.
+
+One step on an alignment micro-batch:
+
+1. probe pass on the bare module: ∇_{e_l} L for the output e_l of every hooked module (no parameter gradient);
+2. ε_l = ρ · ∇_{e_l} L / ‖(∇_{e_1} L, …, ∇_{e_L} L)‖, the norm joint over all hooked modules, tokens and samples;
+3. the ordinary SFT step (one real backward) with e_l ← e_l + ε_l.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from trl import SFTTrainer
+
+from ...core.hooks import add_to_outputs
+from ...core.layers import find_modules, get_attention_modules, get_decoder_layers
+from ...core.perturbation import activation_gradients, gaussian_output_noise, joint_norm, vaccine_perturbations
+from ...core.trainer import DefenseTrainerMixin
+from .vaccine_config import VaccineConfig
+
+
+logger = logging.getLogger(__name__)
+
+_CITATION = """\
+@inproceedings{huang2024vaccine,
+    title     = {{Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning Attack}},
+    author    = {Tiansheng Huang and Sihao Hu and Ling Liu},
+    booktitle = {Advances in Neural Information Processing Systems},
+    year      = {2024},
+    eprint    = {2402.01109},
+    archivePrefix = {arXiv}
+}"""
+
+
+class VaccineTrainer(DefenseTrainerMixin, SFTTrainer):
+    """Drop-in [`~trl.SFTTrainer`] that runs Vaccine's perturbation-aware alignment on the `train_dataset`.
+
+    The `train_dataset` is the alignment (safety) data: harmful prompts with refusals or safe answers. Everything
+    [`~trl.SFTTrainer`] accepts is accepted, including `peft_config`. See [`VaccineConfig`] for the defense's fields.
+
+    Example:
+
+    ```python
+    from trl_safety import VaccineConfig, VaccineTrainer
+
+    trainer = VaccineTrainer(model="Qwen/Qwen2.5-0.5B", args=VaccineConfig(output_dir="vaccine", rho=2.0),
+                             train_dataset=alignment_dataset)
+    trainer.train()
+    ```
+    """
+
+    defense_name = "vaccine"
+    stage = "alignment"
+    config_class = VaccineConfig
+    extra_datasets = ()
+    unsupported_backends = {
+        "fsdp": "the activation-gradient probe pass is untested under FSDP (see docs/vaccine.md).",
+    }
+    _name = "Vaccine"
+    _paper = {
+        "title": "Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning Attack",
+        "id": "2402.01109",
+        "citation": _CITATION,
+    }
+    _tag_names = ["trl", "sft", "trl-safety", "vaccine"]
+
+    def setup_defense(self) -> None:
+        args = self.args
+        model = self.model
+        self._layers = list(get_decoder_layers(model, args.layers_path))
+        if args.target_modules is None:
+            self._modules = get_attention_modules(model, args.attention_attr, args.layers_path)
+        else:
+            self._modules = [module for _, module in find_modules(model, args.target_modules)]
+        self._micro_batch = (-1, 0)  # (global step, micro-batch index) of the last Random-Vaccine draw
+        logger.info("Vaccine perturbs the outputs of %d modules (rho=%s).", len(self._modules), args.rho)
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.rho == 0:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if self.args.perturbation == "random":
+            perturbed = gaussian_output_noise(self._modules, self.args.rho**0.5, self._get_noise_generator(inputs))
+        else:
+            perturbed = self._worst_case_perturbation(model, inputs)
+        with perturbed:
+            # Hooks stay until the real backward is done: non-reentrant checkpointing re-runs the hooked forward
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def _worst_case_perturbation(self, model, inputs):
+        # The probe runs on the bare module (a ZeRO-2 engine's buckets break otherwise) and produces no parameter
+        # gradient, so DDP needs no `no_sync` and gradient accumulation is untouched
+        grads, probe_loss = activation_gradients(
+            self.accelerator.unwrap_model(model),
+            inputs,
+            self._modules,
+            layers=self._layers,
+            autocast=self.compute_loss_context_manager,
+        )
+        deltas = vaccine_perturbations(grads, self.args.rho)
+        self.log_metric("vaccine/unperturbed_loss", probe_loss)
+        self.log_metric("vaccine/activation_grad_norm", joint_norm(grads))
+        self.log_metric("vaccine/perturbation_norm", joint_norm(deltas))
+        return add_to_outputs(self._modules, deltas)
+
+    # ------------------------------------------------------------------------------------ Random-Vaccine noise
+    def _get_noise_generator(self, inputs) -> torch.Generator:
+        """A generator seeded from (seed, rank, step, micro-batch): the noise needs no checkpointed state, a resumed
+        run draws the same noise as an uninterrupted one, and ranks draw independent noise."""
+        step = self.state.global_step
+        micro = self._micro_batch[1] + 1 if self._micro_batch[0] == step else 0
+        self._micro_batch = (step, micro)
+        seed = hash((self.args.seed, self.accelerator.process_index, step, micro)) % (2**63)
+        generator = torch.Generator(device=inputs["input_ids"].device)
+        generator.manual_seed(seed)
+        return generator
