@@ -1,7 +1,8 @@
 """trl_safety: defenses against harmful fine-tuning attacks as drop-in TRL trainers, callbacks and evaluation.
 
 Public names are imported lazily (importing TRL takes seconds). Defense classes (`VaccineTrainer`, `LisaConfig`, …)
-are found in the defense folders registered under `trl_safety.defenses`; other names come from the table below.
+are found in the defense folders under `trl_safety.defenses`, callbacks in `trl_safety.callbacks`, evaluation and data
+helpers in `trl_safety.eval` / `trl_safety.data`; the rest comes from the table below.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ _import_structure: dict[str, str] = {
 
 
 def _defense_exports() -> dict[str, str]:
+    import trl_safety.callbacks as callbacks
     import trl_safety.defenses as package
 
-    exports = {}
+    exports = dict(callbacks._import_structure)
+    for module_name in ("trl_safety.eval", "trl_safety.data"):
+        exports.update(dict.fromkeys(getattr(importlib.import_module(module_name), "__all__", []), module_name))
     for module in pkgutil.iter_modules(package.__path__):
         if module.ispkg:
             name = f"{package.__name__}.{module.name}"

@@ -171,7 +171,7 @@ def test_refusal_views_are_joined_by_row(tmp_path):
 def test_conversational_and_custom_pool(tmp_path):
     trainer = AntibodyTrainer(
         build_model(seed=0),
-        tiny_config(tmp_path, AntibodyConfig, max_steps=1),
+        tiny_config(tmp_path, AntibodyConfig, max_steps=1, max_length=64),
         train_dataset=conversational_prompt_completion_dataset(6),
         processing_class=build_tokenizer(),
         refusals=["sorry cannot help", "sorry i refuse"],

@@ -178,17 +178,13 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def gathered_state(model, only_trainable: bool) -> dict[str, torch.Tensor]:
-    """Full copies of the parameters (ZeRO-3 shards gathered on every rank)."""
+def gathered_state(model) -> dict[str, torch.Tensor]:
+    """Full fp32 copies of all parameters (ZeRO-3 shards gathered on every rank)."""
     from trl_safety.core.distributed import gathered
 
     params = dict(model.named_parameters())
     with torch.no_grad(), gathered(list(params.values())):
-        return {
-            n: p.detach().float().cpu().clone()
-            for n, p in params.items()
-            if p.requires_grad or not only_trainable or getattr(p, "ds_id", None) is not None and False
-        }
+        return {n: p.detach().float().cpu().clone() for n, p in params.items()}
 
 
 def digest(state: dict[str, torch.Tensor]) -> str:
@@ -212,12 +208,9 @@ def train_once(name: str, mode: str, args: argparse.Namespace) -> tuple[dict, ob
 
     output_dir = os.path.join(args.output_dir, f"{name}-{mode}")
     trainer = build_trainer(name, mode, args, output_dir)
-    model = trainer.model
-    only_trainable = mode == "lora"
-    initial = {n: p.detach().float().cpu().clone() for n, p in _trainable(model).items()}
+    initial = {n: p.detach().float().cpu().clone() for n, p in _trainable(trainer.model).items()}
     trainer.train()
-    trainable_names = set(initial)
-    state = gathered_state(trainer.model, only_trainable=False)
+    state = gathered_state(trainer.model)
     hashes = _all_gather(digest(state), trainer)
     result = {
         "defense": name,
@@ -231,9 +224,7 @@ def train_once(name: str, mode: str, args: argparse.Namespace) -> tuple[dict, ob
         "checksum": float(sum(t.double().sum() for t in state.values())),
     }
     if trainer.accelerator.is_main_process:
-        final = {n: t for n, t in state.items() if n in trainable_names}
-        if not only_trainable:
-            final = state
+        final = {n: t for n, t in state.items() if n in initial}
         torch.save({"initial": initial, "final": final}, os.path.join(args.output_dir, f"{name}-{mode}.pt"))
     return result, trainer
 

@@ -274,6 +274,14 @@ class ClassifierJudge(Judge):
             self._tokenizer = AutoTokenizer.from_pretrained(
                 self.model_name if self.model_name else self._model.config._name_or_path
             )
+        if self._tokenizer.pad_token is None:
+            # Not EOS: sequence classifiers pool the last non-pad token, and some inputs end with an appended EOS
+            fallback = self._tokenizer.unk_token or self._tokenizer.eos_token
+            if fallback is None:
+                raise ValueError(f"{self.name}: the tokenizer has no pad, unk or EOS token to pad batches with.")
+            self._tokenizer.pad_token = fallback
+        if self._model.config.pad_token_id is None:
+            self._model.config.pad_token_id = self._tokenizer.pad_token_id
         self._model.eval()
 
     def _on_load(self) -> None:
