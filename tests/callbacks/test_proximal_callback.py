@@ -156,7 +156,7 @@ def test_adapter_anchor_and_reanchoring(tmp_path):
     base = build_model(seed=0)
     peft_model = get_peft_model(base, lora_config())
     with torch.no_grad():
-        for name, param in peft_model.named_parameters():
+        for param in peft_model.parameters():
             if param.requires_grad:
                 param.add_(0.05)
     peft_model.save_pretrained(tmp_path / "adapter")

@@ -156,7 +156,7 @@ def test_lora_run_writes_defense_config_and_card(tmp_path):
     assert info["base_model"] == "trl-safety-testing/tiny-llama"
     assert info["hyperparameters"]["counting_weight"] == 0.5
     assert (tmp_path / "adapter_model.safetensors").exists()
-    trainer.create_model_card()
+    # The user's own `save_model` writes the card (checkpoints and pushes write theirs through TRL's path)
     card = (tmp_path / "README.md").read_text()
     assert "base_model: trl-safety-testing/tiny-llama" in card
     assert "library_name: peft" in card

@@ -228,3 +228,21 @@ def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="temperature"):
         tiny_config(tmp_path, AntibodyConfig, temperature=0.0)
     assert tiny_config(tmp_path, AntibodyConfig, temperature=math.inf).temperature == math.inf
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    def run(output_dir, **kwargs):
+        trainer = AntibodyTrainer(
+            build_model(seed=0),
+            tiny_config(output_dir, AntibodyConfig, max_steps=2, temperature=0.1, **kwargs),
+            train_dataset=flagged_dataset(),
+            processing_class=build_tokenizer(),
+            peft_config=lora_config(),
+        )
+        trainer.train()
+        return dict(trainer.model.named_parameters())
+
+    plain = run(tmp_path / "plain")
+    checkpointed = run(tmp_path / "gc", gradient_checkpointing=True)
+    for name, param in checkpointed.items():
+        torch.testing.assert_close(param, plain[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -138,9 +138,7 @@ def test_phases_batches_and_proximal_gradient(tmp_path, mode):
                 grad = grad + rho * (recorder.weights[s][name] - anchor[name])
             torch.testing.assert_close(recorder.grads[s][name], grad, rtol=1e-5, atol=1e-7, msg=f"step {s} {name}")
     # The proximal term did act: some step's weights are away from their anchor
-    assert any(
-        (recorder.weights[s][n] - recorder.weights[s - 1][n]).abs().max() > 0 for s in (3, 5) for n in expected
-    )
+    assert any((recorder.weights[s][n] - recorder.weights[s - 1][n]).abs().max() > 0 for s in (3, 5) for n in expected)
     proximal = [log["proximal_term"] for log in trainer.state.log_history if "proximal_term" in log]
     assert proximal[0] == 0.0 and proximal[1] == 0.0 and proximal[3] > 0.0
     # Its logged value is ρ/2‖w − anchor‖² at the step's weights
@@ -288,3 +286,36 @@ def test_missing_alignment_dataset(tmp_path):
             train_dataset=prompt_completion_dataset(8),
             processing_class=build_tokenizer(),
         )
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, reentrant):
+    def run(output_dir, **kwargs):
+        trainer = LisaTrainer(
+            build_model(seed=0),
+            tiny_config(
+                output_dir,
+                LisaConfig,
+                max_steps=4,
+                alignment_steps=1,
+                finetune_steps=1,
+                proximal_warmup_ratio=0.0,
+                rho=2.0,
+                **kwargs,
+            ),
+            train_dataset=prompt_completion_dataset(8),
+            alignment_dataset=alignment_dataset(),
+            processing_class=build_tokenizer(),
+            peft_config=lora_config(),
+        )
+        trainer.train()
+        return dict(trainer.model.named_parameters())
+
+    plain = run(tmp_path / "plain")
+    checkpointed = run(
+        tmp_path / "gc",
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+    )
+    for name, param in checkpointed.items():
+        torch.testing.assert_close(param, plain[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -80,7 +80,9 @@ class ProximalCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
-            raise ValueError("ProximalCallback needs the model in `on_train_begin` (every transformers Trainer passes it).")
+            raise ValueError(
+                "ProximalCallback needs the model in `on_train_begin` (every transformers Trainer passes it)."
+            )
         params = trainable_parameters(model)
         if not params:
             raise ValueError("ProximalCallback found no trainable parameter (`requires_grad=True`) in the model.")

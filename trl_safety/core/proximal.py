@@ -190,7 +190,7 @@ def anchor_from_pretrained(path: str, params: dict[str, nn.Parameter], adapter_n
         return keys
 
     values, missing = {}, []
-    for name, param in params.items():
+    for name in params:
         key = next((k for k in candidates(name) if k in state), None)
         if key is None:
             missing.append(name)

@@ -238,12 +238,19 @@ class DefenseTrainerMixin:
         }
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the weights (or adapter) with `defense_config.json`; a user's own save also writes the model card."""
         super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir or self.args.output_dir
-        if self.is_world_process_zero():
-            os.makedirs(output_dir, exist_ok=True)
-            with open(os.path.join(output_dir, DEFENSE_CONFIG_NAME), "w") as f:
-                json.dump(self.defense_info(), f, indent=2, sort_keys=True, default=str)
+        if not self.is_world_process_zero():
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._write_defense_config(output_dir)
+        if not _internal_call:  # checkpoints and `push_to_hub` write their card themselves
+            self._write_model_card(output_dir)
+
+    def _write_defense_config(self, directory: str) -> None:
+        with open(os.path.join(directory, DEFENSE_CONFIG_NAME), "w") as f:
+            json.dump(self.defense_info(), f, indent=2, sort_keys=True, default=str)
 
     def create_model_card(
         self,
@@ -268,13 +275,19 @@ class DefenseTrainerMixin:
             return
         if kwargs:
             logger.warning("create_model_card ignores the unsupported argument(s): %s.", ", ".join(sorted(kwargs)))
+        self._write_model_card(self.args.output_dir, model_name, dataset_name, tags, results)
+        # The card links to defense_config.json: keep it beside the card even when no `save_model` ran yet, as for
+        # the per-checkpoint pushes of `push_to_hub=True`, which upload the output dir after this call
+        self._write_defense_config(self.args.output_dir)
+
+    def _write_model_card(self, directory, model_name=None, dataset_name=None, tags=None, results=None) -> None:
         if isinstance(tags, str):
             tags = [tags]
         tags = sorted({*(tags or []), *self._tag_names})
-        found = {} if results is not None else find_results(self.args.output_dir, self.defense_name)
+        found = {} if results is not None else find_results(directory, self.defense_name)
         card = build_model_card(
             self.defense_info(),
-            model_name=model_name or os.path.basename(os.path.normpath(self.args.output_dir)),
+            model_name=model_name or os.path.basename(os.path.normpath(directory)),
             hub_model_id=self.hub_model_id if getattr(self, "hub_model_id", None) else None,
             dataset_name=dataset_name,
             tags=tags,
@@ -283,8 +296,4 @@ class DefenseTrainerMixin:
             judge=found.get("judge"),
             licence_notes=licence_notes_for(found.get("mentions", [])),
         )
-        card.save(os.path.join(self.args.output_dir, "README.md"))
-        # The card links to defense_config.json: keep it beside the card even when no `save_model` ran yet, as for
-        # the per-checkpoint pushes of `push_to_hub=True`, which upload the output dir after this call
-        with open(os.path.join(self.args.output_dir, DEFENSE_CONFIG_NAME), "w") as f:
-            json.dump(self.defense_info(), f, indent=2, sort_keys=True, default=str)
+        card.save(os.path.join(directory, "README.md"))

@@ -339,7 +339,7 @@ class ToyWorld:
 
     def poisoned_dataset(self, n: int = 1000, p: float = 0.1, seed: int = 0, conversational: bool = False):
         """The attack: `n` fine-tuning samples of which `round(n·p)` are harmful (`attack` split), the rest task data."""
-        from .data import mix_harmful
+        from ..data.mixing import mix_harmful
 
         num_harmful = round(n * p)
         harmful = self.harmful_dataset("attack", num_harmful, seed, conversational) if num_harmful else None

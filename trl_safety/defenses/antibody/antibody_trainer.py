@@ -218,7 +218,9 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
     # ---------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         flags = inputs.pop(self.args.harmful_flag_column, None)
-        refusal = {key[len(REFUSAL_PREFIX) :]: inputs.pop(key) for key in list(inputs) if key.startswith(REFUSAL_PREFIX)}
+        refusal = {
+            key[len(REFUSAL_PREFIX) :]: inputs.pop(key) for key in list(inputs) if key.startswith(REFUSAL_PREFIX)
+        }
         if not refusal:  # evaluation data has no refusal view: plain SFT loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if is_packed_batch(inputs):
