@@ -153,6 +153,30 @@ def extra_term_scale(trainer, num_items_in_batch) -> float:
     return 1.0 / trainer.current_gradient_accumulation_steps if scaled else 1.0
 
 
+class PendingGradientMixin:
+    """Adds a gradient assembled before the real step to that step's one backward.
+
+    A trainer sets `self._pending_gradient` (one tensor per parameter of `self._trainable`, in order) before calling
+    `super().training_step`; `compute_loss` then adds the value-neutral term, scaled for gradient accumulation, so the
+    logged loss is unchanged and the parameters' gradients gain exactly the pending tensors.
+    """
+
+    _pending_gradient: list[torch.Tensor] | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        extra, self._pending_gradient = self._pending_gradient, None
+        if extra is None:
+            return result
+        term = value_neutral_term(list(self._trainable.values()), extra) * extra_term_scale(self, num_items_in_batch)
+        if return_outputs:
+            loss, outputs = result
+            return loss + term.to(loss.dtype), outputs
+        return result + term.to(result.dtype)
+
+
 def all_reduce_mean(tensors: Sequence[torch.Tensor], accelerator) -> list[torch.Tensor]:
     """Average tensors over processes (one flat all-reduce); identity on a single process."""
     if accelerator.num_processes <= 1:

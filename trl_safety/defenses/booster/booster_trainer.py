@@ -13,13 +13,12 @@ from ...core.perturbation import activation_gradients, joint_norm, vaccine_pertu
 from ...core.snapshot import ParameterSnapshot, trainable_parameters
 from ...core.trainer import DefenseTrainerMixin
 from ...core.weight_perturbation import (
+    PendingGradientMixin,
     all_reduce_mean,
-    extra_term_scale,
     global_norm,
     normalized_step,
     parameter_gradients,
     shifted_parameters,
-    value_neutral_term,
 )
 from .booster_config import BoosterConfig
 
@@ -32,7 +31,7 @@ ZERO3_REASON = (
 )
 
 
-class BoosterTrainer(DefenseTrainerMixin, SFTTrainer):
+class BoosterTrainer(PendingGradientMixin, DefenseTrainerMixin, SFTTrainer):
     """
     Trainer for Booster (alignment stage): SFT on alignment data plus the attenuation of a simulated harmful step.
 
@@ -127,16 +126,3 @@ class BoosterTrainer(DefenseTrainerMixin, SFTTrainer):
                 return super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._pending_gradient = None
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        extra, self._pending_gradient = self._pending_gradient, None
-        if extra is None:
-            return result
-        term = value_neutral_term(list(self._trainable.values()), extra) * extra_term_scale(self, num_items_in_batch)
-        if return_outputs:
-            loss, outputs = result
-            return loss + term.to(loss.dtype), outputs
-        return result + term.to(result.dtype)

@@ -9,12 +9,11 @@ from trl import SFTTrainer
 from ...core.snapshot import ParameterSnapshot, trainable_parameters
 from ...core.trainer import DefenseTrainerMixin
 from ...core.weight_perturbation import (
-    extra_term_scale,
+    PendingGradientMixin,
     global_norm,
     normalized_step,
     parameter_gradients,
     shifted_parameters,
-    value_neutral_term,
 )
 from .panacea_config import PanaceaConfig
 
@@ -27,7 +26,7 @@ ZERO3_REASON = (
 )
 
 
-class PanaceaTrainer(DefenseTrainerMixin, SFTTrainer):
+class PanaceaTrainer(PendingGradientMixin, DefenseTrainerMixin, SFTTrainer):
     """
     Trainer for Panacea: fine-tuning with an adversarial weight perturbation, added to the weights after training.
 
@@ -130,19 +129,6 @@ class PanaceaTrainer(DefenseTrainerMixin, SFTTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._pending_gradient = None
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        extra, self._pending_gradient = self._pending_gradient, None
-        if extra is None:
-            return result
-        term = value_neutral_term(list(self._trainable.values()), extra) * extra_term_scale(self, num_items_in_batch)
-        if return_outputs:
-            loss, outputs = result
-            return loss + term.to(loss.dtype), outputs
-        return result + term.to(result.dtype)
 
     # ------------------------------------------------------------------------------------------ post-training ε
     @torch.no_grad()
