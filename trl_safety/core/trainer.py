@@ -66,6 +66,8 @@ class DefenseTrainerMixin:
     extra_datasets: ClassVar[tuple[str, ...]] = ()
     # Backends (`ddp`, `zero1`, `zero2`, `zero3`, `fsdp`) this defense refuses, with the reason shown to the user
     unsupported_backends: ClassVar[dict[str, str]] = {}
+    # FSDP cannot be exercised without GPUs; a defense opts in once it has been verified there
+    fsdp_verified: ClassVar[bool] = False
     _name: ClassVar[str] = "SFT"
     _paper: ClassVar[dict] = {}
     _tag_names: ClassVar[list[str]] = ["trl", "sft", "trl-safety"]
@@ -101,9 +103,10 @@ class DefenseTrainerMixin:
         super().__init__(model, args, *positional, **kwargs)
 
         backend = backend_name(self.accelerator)
-        if backend in self.unsupported_backends:
+        refused = self.refused_backends()
+        if backend in refused:
             raise NotImplementedError(
-                f"{type(self).__name__} cannot run under {backend}: {self.unsupported_backends[backend]} "
+                f"{type(self).__name__} cannot run under {backend}: {refused[backend]} "
                 f"Supported backends: {', '.join(self.supported_backends())}."
             )
         for role, dataset in raw.items():
@@ -131,8 +134,20 @@ class DefenseTrainerMixin:
 
     # --------------------------------------------------------------------------------------------------- helpers
     @classmethod
+    def refused_backends(cls) -> dict[str, str]:
+        """Backends this trainer refuses, with the reason (its own list plus FSDP until verified on GPUs)."""
+        refused = dict(cls.unsupported_backends)
+        if not cls.fsdp_verified:
+            refused.setdefault(
+                "fsdp",
+                "FSDP has not been verified for this defense (it needs several GPUs); use DDP or DeepSpeed ZeRO.",
+            )
+        return refused
+
+    @classmethod
     def supported_backends(cls) -> list[str]:
-        return [b for b in ("single", "ddp", "zero1", "zero2", "zero3") if b not in cls.unsupported_backends]
+        refused = cls.refused_backends()
+        return [b for b in ("single", "ddp", "zero1", "zero2", "zero3", "fsdp") if b not in refused]
 
     def log_metric(self, name: str, value: float | torch.Tensor) -> None:
         """Log a defense metric through SFTTrainer's metric buffer (averaged over the logging interval)."""
