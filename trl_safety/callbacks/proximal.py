@@ -86,7 +86,10 @@ class ProximalCallback(TrainerCallback):
         params = trainable_parameters(model)
         if not params:
             raise ValueError("ProximalCallback found no trainable parameter (`requires_grad=True`) in the model.")
-        anchor = anchor_from_pretrained(self.anchor, params) if self.anchor is not None else None
+        anchor = None
+        if self.anchor is not None:
+            adapter = getattr(model, "active_adapter", "default")
+            anchor = anchor_from_pretrained(self.anchor, params, adapter if isinstance(adapter, str) else "default")
         self.term = ProximalTerm(params, self.rho, anchor=anchor, scale=lambda: self._scale)
         if self.rho > 0:
             self.term.attach()

@@ -137,7 +137,8 @@ class LisaTrainer(DefenseTrainerMixin, SFTTrainer):
             num_items_in_batch = self._get_num_items_in_batch(batches, device)
         self._proximal.enabled = proximal_active(step, self.state.max_steps, self.args.proximal_warmup_ratio)
         self._micro_batches_left = len(batches)
-        self.log_metric("alignment_phase", float(phase == ALIGNMENT))
+        # Logged as a training metric even if the model is still in eval mode (from_pretrained, or after evaluation)
+        self._metrics["train"]["alignment_phase"].append(float(phase == ALIGNMENT))
         return batches, num_items_in_batch
 
     def training_step(self, model, inputs, num_items_in_batch=None):
