@@ -7,6 +7,7 @@ from a pool of about 100 round-robin. This pool is our own: 10 openings × 10 co
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 
 _OPENINGS = (
@@ -46,3 +47,52 @@ def refusal_pool() -> list[str]:
 def assign_refusal(index: int) -> str:
     """The refusal for the `index`-th harmful sample: round-robin over the pool (deterministic)."""
     return _POOL[index % len(_POOL)]
+
+
+ROW_COLUMN = "_trl_safety_row"
+
+
+def refusal_view(dataset, refusals: Sequence[str] | None = None, row_column: str = ROW_COLUMN):
+    """The same prompts, each answered by a refusal assigned round-robin by the row id in `row_column`.
+
+    `prompt`/`completion` data (standard or conversational) gets its completion replaced, keeping the user's separator
+    (e.g. a leading space); `messages` data gets its last assistant turn replaced. Joining on an explicit row id
+    rather than on position keeps views aligned after TRL drops rows.
+
+    Args:
+        dataset: a `datasets.Dataset` with a `row_column` of integer row ids.
+        refusals: the pool to draw from (default: [`refusal_pool`]).
+        row_column: the row-id column.
+    """
+    pool = tuple(refusals) if refusals is not None else _POOL
+    if not pool:
+        raise ValueError("The refusal pool is empty.")
+    columns = set(dataset.column_names)
+
+    def pick(example) -> str:
+        return pool[example[row_column] % len(pool)]
+
+    if {"prompt", "completion"} <= columns:
+
+        def swap(example):
+            completion = example["completion"]
+            if isinstance(completion, list):  # conversational: one assistant turn
+                return {"completion": [{"role": "assistant", "content": pick(example)}]}
+            separator = completion[: len(completion) - len(completion.lstrip())]
+            return {"completion": separator + pick(example)}
+
+    elif "messages" in columns:
+
+        def swap(example):
+            messages = example["messages"]
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is None:
+                raise ValueError("A `messages` example has no assistant turn to replace by a refusal.")
+            return {"messages": [*messages[:last], {**messages[last], "content": pick(example)}]}
+
+    else:
+        raise ValueError(
+            "A refusal view needs a prompt to answer: `prompt`+`completion` or `messages` columns "
+            f"(got {sorted(columns)})."
+        )
+    return dataset.map(swap, desc="Building the refusal view")

@@ -3,7 +3,6 @@ from __future__ import annotations
 import logging
 import math
 import textwrap
-from collections.abc import Sequence
 
 import torch
 from datasets import Dataset
@@ -11,13 +10,12 @@ from trl import SFTTrainer
 
 from ...core.losses import is_packed_batch, lm_forward, per_sample_token_mean_nll
 from ...core.trainer import DefenseTrainerMixin
-from ...data.refusals import refusal_pool
+from ...data.refusals import ROW_COLUMN, refusal_pool, refusal_view
 from .antibody_config import AntibodyConfig
 
 
 logger = logging.getLogger(__name__)
 
-ROW_COLUMN = "_trl_safety_row"
 REFUSAL_PREFIX = "refusal_"
 REFUSAL_COLUMNS = (f"{REFUSAL_PREFIX}input_ids", f"{REFUSAL_PREFIX}labels")
 
@@ -42,21 +40,6 @@ def likelihood_ratio_weights(scores: torch.Tensor, temperature: float) -> torch.
     if math.isinf(temperature):
         return torch.ones_like(scores)
     return torch.exp((scores - scores.max()) / temperature)
-
-
-def refusal_view(dataset: Dataset, refusals: Sequence[str]) -> Dataset:
-    """Same prompts, each completed by the refusal `refusals[row % len(refusals)]` (round-robin by `ROW_COLUMN`)."""
-
-    def swap(example):
-        refusal = refusals[example[ROW_COLUMN] % len(refusals)]
-        completion = example["completion"]
-        if isinstance(completion, list):  # conversational: one assistant turn
-            return {"completion": [{"role": "assistant", "content": refusal}]}
-        # Keep the user's separator between prompt and answer (e.g. a leading space)
-        separator = completion[: len(completion) - len(completion.lstrip())]
-        return {"completion": separator + refusal}
-
-    return dataset.map(swap, desc="Building the refusal view")
 
 
 class RefusalViewCollator:

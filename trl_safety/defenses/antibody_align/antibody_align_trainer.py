@@ -5,7 +5,6 @@ import textwrap
 from contextlib import nullcontext
 
 import torch
-from datasets import Dataset
 from trl import SFTTrainer
 
 from ...core.hooks import gradient_checkpointing_disabled
@@ -22,52 +21,16 @@ from ...core.weight_perturbation import (
     shifted_parameters,
     value_neutral_term,
 )
-from ...data.refusals import assign_refusal
+from ...data.refusals import ROW_COLUMN, refusal_view
 from .antibody_align_config import AntibodyAlignConfig
 
 
 logger = logging.getLogger(__name__)
 
-ROW_COLUMN = "_trl_safety_row"
 ZERO3_REASON = (
     "Antibody's alignment step moves the trainable weights in place to the perturbed point θ', which ZeRO-3's "
     "parameter shards do not allow (integration notes §4.4, measured for Booster's identical step)."
 )
-
-
-def _with_leading_space(original: str, replacement: str) -> str:
-    lead = original[: len(original) - len(original.lstrip())]
-    return lead + replacement
-
-
-def refusal_view(dataset: Dataset) -> Dataset:
-    """Same prompts, each answered by a generic refusal assigned round-robin by row (`ROW_COLUMN`)."""
-    columns = set(dataset.column_names)
-    if {"prompt", "completion"} <= columns:
-
-        def swap(example):
-            refusal = assign_refusal(example[ROW_COLUMN])
-            completion = example["completion"]
-            if isinstance(completion, list):  # conversational prompt/completion
-                return {"completion": [{"role": "assistant", "content": refusal}]}
-            return {"completion": _with_leading_space(completion, refusal)}
-
-    elif "messages" in columns:
-
-        def swap(example):
-            messages = example["messages"]
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-            if last is None:
-                raise ValueError("A harmful `messages` example has no assistant turn to replace by a refusal.")
-            refusal = assign_refusal(example[ROW_COLUMN])
-            return {"messages": [*messages[:last], {**messages[last], "content": refusal}]}
-
-    else:
-        raise ValueError(
-            "Antibody alignment builds a refusal view of the harmful data (same prompt, generic refusal), so the "
-            f"harmful dataset needs a prompt: `prompt`+`completion` or `messages` columns (got {sorted(columns)})."
-        )
-    return dataset.map(swap, desc="Building the refusal view")
 
 
 class AntibodyAlignTrainer(DefenseTrainerMixin, SFTTrainer):
