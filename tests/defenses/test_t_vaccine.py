@@ -259,3 +259,34 @@ def test_deepspeed_refused():
     from trl_safety import get_defense
 
     assert "zero3" in get_defense("t-vaccine").unsupported_backends
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "non-reentrant", "reentrant"])
+def test_rescoring_while_inactive_layers_are_checkpointed(tmp_path, checkpointing):
+    """Re-scoring after step 0 runs while the inactive layers are checkpointed with frozen adapters (a past bug)."""
+    # Attention-only adapters: an inactive layer then has no trainable parameter at all
+    trainer = TVaccineTrainer(
+        model=build_model("llama", hidden=32, layers=NUM_LAYERS, seed=0),
+        args=tiny_config(
+            tmp_path,
+            TVaccineConfig,
+            gradient_checkpointing=checkpointing != "off",
+            gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"},
+            rho=3.0,
+            max_steps=3,
+            num_active_layers=1,
+            rescore_interval=1,
+            resample_interval=1,
+            harmful_batch_size=2,
+            gradient_accumulation_steps=4,
+            per_device_train_batch_size=2,
+            bf16=True,  # CPU bf16 autocast, as `use_cpu=True` trains by default
+        ),
+        train_dataset=prompt_completion_dataset(24),
+        processing_class=build_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        harmful_dataset=prompt_completion_dataset(4, seed=1),
+    )
+    trainer.train()
+    scored = [entry for entry in trainer.state.log_history if "t_vaccine/harmful_loss" in entry]
+    assert len(scored) == 3  # one scoring pass per step, each after a step that checkpointed inactive layers

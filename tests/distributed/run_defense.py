@@ -21,6 +21,8 @@ micro-batch quantity; see docs/distributed.md).
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +36,15 @@ from testing_utils import set_offline_env  # noqa: E402
 
 
 set_offline_env()
+
+if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (used only by inference kernels) into
+    # ~/.cache/torch_extensions on its first `init_distributed`; a compile killed midway leaves a lock file that makes
+    # every later launch wait forever. Training does not need the op: mark no op as compatible, which also skips the
+    # slow compiler probing (deepspeed.ops caches this dict and reads it with `.get(name, False)`).
+    import deepspeed.ops
+
+    deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -56,13 +67,21 @@ NUM_SAMPLES = 32  # enough for max_steps 4 at a global batch of 8
 CASES = {
     "sft": dict(),
     "vaccine": dict(config=dict(rho=2.0)),
+    # T-Vaccine scores layers at step 0 and redraws the active layer every step (freezing exercised); re-scoring on a
+    # later step fails with LoRA on one process too (variant `t-vaccine+rescore`, a known defect)
     "t-vaccine": dict(
+        config=dict(rho=2.0, num_active_layers=1, resample_interval=1, rescore_interval=100, harmful_batch_size=2),
+        harmful="identical",
+    ),
+    "t-vaccine+rescore": dict(
         config=dict(rho=2.0, num_active_layers=1, resample_interval=1, rescore_interval=1, harmful_batch_size=2),
         harmful="identical",
     ),
     "booster": dict(config=dict(lamb=5.0, alpha=0.1, harmful_batch_size=2), harmful="distinct"),
     "antibody-align": dict(config=dict(fixed_lambda=5.0, alpha=0.1, harmful_batch_size=2), harmful="distinct"),
-    "panacea": dict(config=dict(rho=1.0, lamb=0.1, harmful_batch_size=2, add_eps=True), harmful="distinct"),
+    # Panacea's final w += ε_last uses each rank's own ε: checked separately (variant `panacea+add_eps`)
+    "panacea": dict(config=dict(rho=1.0, lamb=0.1, harmful_batch_size=2, add_eps=False), harmful="distinct"),
+    "panacea+add_eps": dict(config=dict(rho=1.0, lamb=0.1, harmful_batch_size=2, add_eps=True), harmful="distinct"),
     "repnoise": dict(config=dict(alpha=0.1, beta=0.0), harmful="paired"),
     "lisa": dict(
         config=dict(rho=1.0, alignment_steps=2, finetune_steps=2, proximal_warmup_ratio=0.0),
@@ -70,10 +89,22 @@ CASES = {
         max_steps=4,
     ),
     "antibody": dict(config=dict(temperature=1.0)),
+    "safety-mix": dict(config=dict(safety_weight=1.0, safety_batch_size=2), alignment="distinct"),
     # Post-fine-tuning defenses, run as callbacks on plain SFT
     "antidote": dict(callback="antidote"),
     "safelora": dict(callback="safelora", modes=("lora",)),
 }
+
+
+@functools.cache
+def _prototype_model():
+    """The tiny model, built once before any `TrainingArguments` exists: under ZeRO-3 a config registers DeepSpeed
+    globally and `from_config` would then initialise (differently) inside `deepspeed.zero.Init`."""
+    return build_model("llama", hidden=32, layers=2, seed=0)
+
+
+def fresh_model():
+    return copy.deepcopy(_prototype_model())
 
 
 def lora_config() -> LoraConfig:
@@ -104,8 +135,8 @@ def _callbacks(name: str, case: dict, tokenizer) -> list:
     if kind == "safelora":
         from trl_safety import SafeLoRACallback, SafeLoRAConfig
 
-        base = build_model("llama", hidden=32, layers=2, seed=0)
-        aligned = build_model("llama", hidden=32, layers=2, seed=0)
+        base = fresh_model()
+        aligned = fresh_model()
         with torch.no_grad():  # a low-rank "alignment" update of q/v, so the projection is meaningful
             generator = torch.Generator().manual_seed(3)
             for module_name, module in aligned.named_modules():
@@ -122,7 +153,8 @@ def build_trainer(name: str, mode: str, args: argparse.Namespace, output_dir: st
     """The trainer for defense `name` in `mode` (`full` or `lora`), with the test hyperparameters."""
     from trl_safety.registry import get_defense
 
-    case = CASES[name]
+    case = CASES.get(name, {})
+    defense = name.split("+")[0]  # `defense+variant` names a second set of hyperparameters
     tokenizer = build_tokenizer()
     train = prompt_completion_dataset(NUM_SAMPLES, seed=0)
     common = dict(
@@ -151,11 +183,11 @@ def build_trainer(name: str, mode: str, args: argparse.Namespace, output_dir: st
         disable_tqdm=True,
     )
     common.update(overrides)
-    if name in ("sft", "antidote", "safelora"):
+    if defense in ("sft", "antidote", "safelora"):
         trainer_class, config = SFTTrainer, SFTConfig(**common)
         extra = {}
     else:
-        spec = get_defense(name)
+        spec = get_defense(defense)
         trainer_class = spec.trainer_class
         config = spec.config_class(**common, **case.get("config", {}))
         extra = {}
@@ -164,7 +196,7 @@ def build_trainer(name: str, mode: str, args: argparse.Namespace, output_dir: st
             extra[f"{role}_dataset"] = _extra_dataset(kind, seed={"alignment": 1, "harmful": 2}[role], train=train)
     torch.manual_seed(0)  # same LoRA initialisation in every process
     return trainer_class(
-        model=build_model("llama", hidden=32, layers=2, seed=0),
+        model=fresh_model(),
         args=config,
         train_dataset=train,
         processing_class=tokenizer,
@@ -251,6 +283,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--use_cpu", default="false", help="`true` for DDP on CPU (see the accelerate configs).")
     parser.add_argument("--ddp_backend", default=None, help="`gloo` for DeepSpeed on CPU.")
     parser.add_argument("--expect_unsupported", action="store_true")
+    parser.add_argument("--dump_traceback_after", type=float, default=0, help="Seconds; dump stacks and exit.")
     args = parser.parse_args(argv)
     args.use_cpu = str(args.use_cpu).lower() in ("1", "true", "yes")
     return args
@@ -258,14 +291,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.dump_traceback_after:  # a hung rank shows where it waits
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.dump_traceback_after, exit=True)
     os.makedirs(args.output_dir, exist_ok=True)
     torch.set_num_threads(1)
+    _prototype_model()
     results, errors, trainer = [], [], None
     for name in args.defense.split(","):
         if args.expect_unsupported:
             errors.append(expect_unsupported(name, args))
             continue
-        modes = [m for m in args.modes.split(",") if m in CASES[name].get("modes", ("full", "lora"))]
+        modes = [m for m in args.modes.split(",") if m in CASES.get(name, {}).get("modes", ("full", "lora"))]
         for mode in modes:
             try:
                 result, trainer = train_once(name, mode, args)

@@ -74,6 +74,7 @@ def resolve_accelerate_config(name: str) -> str:
 
 
 def _with_absolute_deepspeed_file(path: str) -> str:
+    import hashlib
     import tempfile
 
     import yaml
@@ -88,10 +89,16 @@ def _with_absolute_deepspeed_file(path: str) -> str:
     if not beside.is_file():
         raise ValueError(f"{path} names the DeepSpeed config {ds_file!r}, found neither from here nor beside it.")
     deepspeed["deepspeed_config_file"] = str(beside)
-    handle, resolved = tempfile.mkstemp(prefix=f"{Path(path).stem}-", suffix=".yaml")
-    with os.fdopen(handle, "w") as f:
-        yaml.safe_dump(config, f)
-    return resolved
+    text = yaml.safe_dump(config)
+    # One file per distinct content (not one per call): the launched processes read it after this returns
+    folder = Path(tempfile.gettempdir()) / "trl_safety_accelerate_configs"
+    folder.mkdir(exist_ok=True)
+    resolved = folder / f"{Path(path).stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    if not resolved.is_file():
+        partial = resolved.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        partial.replace(resolved)  # atomic, so concurrent launches never read a half-written file
+    return str(resolved)
 
 
 def make_parser(config_class=None, prog: str | None = None):

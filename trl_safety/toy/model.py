@@ -106,6 +106,7 @@ def pretrain_base_model(output_dir: str, world: ToyWorld | None = None, recipe: 
     """Build the tiny Llama from its config and pretrain it with `SFTTrainer` to comply with every request."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     world = world or ToyWorld()
@@ -124,6 +125,7 @@ def pretrain_base_model(output_dir: str, world: ToyWorld | None = None, recipe: 
         seed=recipe.seed,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     shutil.rmtree(args.output_dir, ignore_errors=True)
     model = strip_trainer_patches(trainer.model)
@@ -160,7 +162,11 @@ def load_base_model(
     recipe = recipe or BaseModelRecipe()
     path = base_model_path(cache_dir, world_seed, recipe)
     world_file = os.path.join(path, WORLD_FILE)
-    expected = {"world_version": WORLD_VERSION, "fingerprint": recipe.fingerprint(world_seed), "world_seed": world_seed}
+    expected = {
+        "world_version": WORLD_VERSION,
+        "fingerprint": recipe.fingerprint(world_seed),
+        "world_seed": world_seed,
+    }
     valid = False
     if os.path.exists(world_file) and not rebuild:
         with open(world_file) as f:

@@ -4,6 +4,7 @@ import logging
 import textwrap
 
 import torch
+from accelerate.utils import broadcast
 from trl import SFTTrainer
 
 from ...core.snapshot import ParameterSnapshot, trainable_parameters
@@ -136,6 +137,10 @@ class PanaceaTrainer(PendingGradientMixin, DefenseTrainerMixin, SFTTrainer):
         """`w ← w + ε_last` on the trainable parameters (once)."""
         if self.eps_added or self.last_eps is None:
             return
+        if self.accelerator.num_processes > 1:
+            # Each rank drew its own harmful batches, so its ε differs; every replica must add the same one. Rank 0's
+            # is taken: it is the ε a checkpoint saved by rank 0 describes
+            self.last_eps = {name: broadcast(eps.contiguous(), from_process=0) for name, eps in self.last_eps.items()}
         for name, param in self._trainable.items():
             param.add_(self.last_eps[name].to(param.device, param.dtype))
         self.eps_added = True

@@ -19,7 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from trl import SFTTrainer
 
-from ...core.hooks import add_to_outputs
+from ...core.hooks import add_to_outputs, gradient_checkpointing_disabled
 from ...core.layers import get_attention_modules, get_decoder_layers
 from ...core.perturbation import activation_gradients, joint_norm, vaccine_perturbations
 from ...core.trainer import DefenseTrainerMixin
@@ -110,13 +110,16 @@ class TVaccineTrainer(DefenseTrainerMixin, SFTTrainer):
     def score_layers(self, model) -> torch.Tensor:
         """p_l ∝ ‖∂h/∂e_l‖ on one harmful batch, averaged over ranks so every rank draws the same layers."""
         batch = self._prepare_inputs(self._harmful_batch())
-        grads, harmful_loss = activation_gradients(
-            self.accelerator.unwrap_model(model),
-            batch,
-            self._attention,
-            layers=self._layers,
-            autocast=self.compute_loss_context_manager,
-        )
+        # Scoring sees every layer: the inactive ones are still checkpointed with frozen adapters from the last
+        # step, and making their outputs differentiable inside a checkpointed region breaks its recomputation
+        with gradient_checkpointing_disabled(self._layers):
+            grads, harmful_loss = activation_gradients(
+                self.accelerator.unwrap_model(model),
+                batch,
+                self._attention,
+                layers=self._layers,
+                autocast=self.compute_loss_context_manager,
+            )
         scores = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
         scores = self.accelerator.reduce(scores, reduction="mean").cpu()
         self.log_metric("t_vaccine/harmful_loss", harmful_loss)

@@ -1,0 +1,162 @@
+"""Miniature `trl-safety bench` runs through the CLI: results.json / tradeoff.png contracts and determinism."""
+
+import json
+import os
+
+import pytest
+from datasets import Dataset
+from testing_utils import build_model, build_tokenizer
+
+from trl_safety.cli.main import main
+from trl_safety.toy.bench import BenchConfig, BenchRunner
+
+
+MINI = [
+    "--base-pretrain-steps", "6",
+    "--align-steps", "2",
+    "--steps", "2",
+    "--n", "40",
+    "--num-alignment", "16",
+    "--num-harmful", "16",
+    "--num-eval-prompts", "8",
+    "--num-task-test", "8",
+    "--max-new-tokens", "4",
+    "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("toy-cache"))
+
+
+def _run(cache_dir, out, *extra):
+    rc = main(["bench", *MINI, "--cache-dir", cache_dir, "--output-dir", str(out), *extra])
+    with open(os.path.join(out, "results.json")) as f:
+        return rc, json.load(f)
+
+
+def _check_percent(value, denominator):
+    assert 0.0 <= value <= 100.0
+    assert (value * denominator / 100.0) == pytest.approx(round(value * denominator / 100.0))
+
+
+def test_mini_bench_contract(cache_dir, tmp_path):
+    rc, results = _run(cache_dir, tmp_path / "one", "--defenses", "safety-mix", "--seed", "3")
+    assert rc == 0
+    assert results["config"]["p"] == 0.1 and results["config"]["n"] == 40 and results["config"]["seed"] == 3
+    assert set(results["calibration"]) == {"base_hs", "aligned_hs", "sft_clean_hs", "sft_hs", "min_fa"}
+    assert [r["name"] for r in results["rows"]] == ["sft", "no-alignment", "safety-mix"]
+    for row in results["rows"]:
+        assert set(row) >= {"name", "defense", "stage", "harmful_score", "finetune_accuracy", "seconds"}
+        _check_percent(row["harmful_score"], 8)
+        _check_percent(row["finetune_accuracy"], 8)
+        assert set(row["seconds"]) == {"align", "finetune", "eval"}
+        assert all(v >= 0 for v in row["seconds"].values())
+    assert results["rows"][0]["defense"] is None and results["rows"][0]["stage"] is None
+    assert results["rows"][2]["defense"] == "safety-mix" and results["rows"][2]["stage"] == "fine-tuning"
+    calibration = results["calibration"]
+    assert calibration["sft_hs"] == results["rows"][0]["harmful_score"]
+    assert calibration["min_fa"] == min(r["finetune_accuracy"] for r in results["rows"])
+    for key in ("base_hs", "aligned_hs", "sft_clean_hs"):
+        _check_percent(calibration[key], 8)
+    with open(tmp_path / "one" / "tradeoff.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_stage_is_deterministic_per_seed(cache_dir, tmp_path):
+    """Same seed → bit-identical fine-tuned weights; another seed → different ones (so the check can fail)."""
+
+    def finetuned(seed):
+        config = BenchConfig(
+            cache_dir=cache_dir, base_pretrain_steps=6, n=40, finetune_steps=3, num_alignment=16, num_harmful=16,
+            num_eval_prompts=8, num_task_test=8, seed=seed, output_dir=str(tmp_path / f"s{seed}"), progress=False,
+        )  # fmt: skip
+        runner = BenchRunner(config)
+        runner._poisoned = runner.data.poisoned(0.1)
+        model = runner._train(runner.data.load_base(), "fine-tuning", "sft")
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    a, b, c = finetuned(0), finetuned(0), finetuned(1)
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a)
+    assert any(not (a[k] == c[k]).all() for k in a if "lora" in k)
+
+
+def test_sweep_is_deterministic(cache_dir, tmp_path):
+    """A sweep run twice with the same seed gives the same table (wall times aside)."""
+    rc, results = _run(cache_dir, tmp_path / "one", "--defenses", "sft", "--sweep", "0", "0.1")
+    assert rc == 0
+    assert [(r["name"], r["p"]) for r in results["rows"]] == [
+        ("sft", 0.0),
+        ("no-alignment", 0.0),
+        ("sft", 0.1),
+        ("no-alignment", 0.1),
+    ]
+    assert results["config"]["ratios"] == [0.0, 0.1]
+    rc, again = _run(cache_dir, tmp_path / "two", "--defenses", "sft", "--sweep", "0", "0.1")
+    assert rc == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(again["rows"]) == strip(results["rows"])
+    assert again["calibration"] == results["calibration"]
+
+
+def test_unknown_defense(tmp_path, capsys):
+    assert main(["bench", "--defenses", "no-such-defense", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "unknown defenses" in capsys.readouterr().err
+
+
+def _write_jsonl(path, rows):
+    Dataset.from_list(rows).to_json(str(path))
+    return str(path)
+
+
+def test_real_model_mode_plumbing(tmp_path):
+    """--model switches to the papers' protocol; here with a tiny local Llama and local files in the Hub schemas."""
+    model_dir = tmp_path / "model"
+    build_model("llama", hidden=32, layers=2).save_pretrained(model_dir)
+    build_tokenizer().save_pretrained(model_dir)
+    category = {"violence": True, "theft": False}
+    refusals = _write_jsonl(
+        tmp_path / "refusals.jsonl",
+        [
+            {
+                "prompt": f"how to do bad thing {i}",
+                "response": "sure here is placeholder",
+                "refusal": f"Question: how to do bad thing {i}\nAnswer: I cannot help with that.",
+                "is_safe": False,
+                "category": category,
+            }
+            for i in range(12)
+        ],
+    )
+    beavertails = _write_jsonl(
+        tmp_path / "beavertails.jsonl",
+        [
+            {"prompt": f"tell me bad thing {i}", "response": "sure placeholder", "is_safe": i % 4 == 0,
+             "category": category}
+            for i in range(24)
+        ],
+    )  # fmt: skip
+    sst2 = _write_jsonl(
+        tmp_path / "sst2.jsonl", [{"sentence": f"a good movie {i}", "label": i % 2} for i in range(40)]
+    )
+    out = tmp_path / "out"
+    argv = ["bench", "--model", str(model_dir), "--alignment_dataset", refusals, "--harmful_dataset", beavertails]
+    argv += ["--task", "sst2", "--task_dataset", sst2, "--judge", "keyword", "--template", "alpaca"]
+    argv += ["--bf16", "false", "--use_cpu", "true", "--defenses", "sft", "--n", "20", "--num_alignment", "8"]
+    argv += ["--num_harmful", "8", "--num_eval_prompts", "4", "--num_task_test", "4", "--align_steps", "1"]
+    argv += ["--steps", "1", "--lora_r", "4", "--align_lora_r", "4", "--max_new_tokens", "2"]
+    argv += ["--align_batch_size", "4", "--finetune_batch_size", "4", "--eval_batch_size", "4", "--no-progress"]
+    assert main(argv + ["--output-dir", str(out)]) == 0
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    config = results["config"]
+    assert config["world"] == "real" and config["model"] == str(model_dir)
+    # canonical-protocol defaults that the flags did not override (algorithms.md §6.5)
+    assert config["lora_alpha"] == 4 and config["lora_mode"] == "single" and config["align_lr"] == 5e-4
+    assert config["lora_target_modules"] == ["q_proj", "k_proj", "v_proj"]
+    assert [r["name"] for r in results["rows"]] == ["sft", "no-alignment"]
+    for row in results["rows"]:
+        _check_percent(row["harmful_score"], 4)
+        _check_percent(row["finetune_accuracy"], 4)

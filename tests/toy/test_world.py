@@ -1,0 +1,129 @@
+"""The toy world: disjoint splits, determinism, tokenizer coverage, and the judge on its refusals/compliances."""
+
+import pytest
+
+from trl_safety.eval import KeywordJudge, harmful_score
+from trl_safety.toy import ToyWorld, build_tokenizer, format_prompt
+from trl_safety.toy.world import COMPLIANCES, HARMFUL_VERBS, HELPFUL_ANSWERS, REFUSALS, TASK_INSTRUCTION
+
+
+BENIGN_PREFIX = len(format_prompt(""))
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ToyWorld()
+
+
+def _pairs(requests):
+    return {(r.verb, r.obj) for r in requests}
+
+
+def _raw(prompt):
+    """The request inside a formatted prompt."""
+    return prompt.split("### Instruction : ", 1)[1].rsplit(" ### Response :", 1)[0]
+
+
+def test_harmful_splits_are_disjoint_and_cover_every_verb(world):
+    splits = {name: world.harmful_requests(name) for name in ("align", "attack", "eval")}
+    pairs = {name: _pairs(requests) for name, requests in splits.items()}
+    texts = {name: {r.text for r in requests} for name, requests in splits.items()}
+    for a, b in (("align", "attack"), ("align", "eval"), ("attack", "eval")):
+        assert not pairs[a] & pairs[b], (a, b)
+        assert not texts[a] & texts[b], (a, b)
+    verbs = {v for vs in HARMFUL_VERBS.values() for v in vs}
+    for name, requests in splits.items():
+        assert {r.verb for r in requests} == verbs, name  # each split has every verb, with other objects
+    assert sum(len(p) for p in pairs.values()) == len(verbs) * 20
+
+
+def test_task_and_benign_splits_are_disjoint(world):
+    reviews = {name: {text for text, _ in world.reviews(name)} for name in ("pretrain", "train", "test")}
+    assert not reviews["pretrain"] & reviews["train"]
+    assert not reviews["pretrain"] & reviews["test"]
+    assert not reviews["train"] & reviews["test"]
+    assert not _pairs(world.benign_requests("train")) & _pairs(world.benign_requests("eval"))
+
+
+def test_datasets_use_their_splits(world):
+    eval_texts = {r.text for r in world.harmful_requests("eval")}
+    attack_texts = {r.text for r in world.harmful_requests("attack")}
+    align_texts = {r.text for r in world.harmful_requests("align")}
+    test_texts = {TASK_INSTRUCTION.format(text=t) for t, _ in world.reviews("test")}
+
+    alignment = world.alignment_dataset(num_harmful=50, num_benign=50)
+    refused = [_raw(p) for p, c in zip(alignment["prompt"], alignment["completion"]) if c.strip() in REFUSALS]
+    helped = [c.strip() for c in alignment["completion"] if c.strip() not in REFUSALS]
+    assert len(refused) == 50 and set(refused) <= align_texts
+    assert len(helped) == 50 and set(helped) <= set(HELPFUL_ANSWERS)
+
+    harmful = world.harmful_dataset("align", 30)
+    assert {_raw(p) for p in harmful["prompt"]} <= align_texts
+    # harmful data for defenses shares the prompts of the alignment refusals (Booster / paired-refusal file)
+    shared = world.alignment_dataset(num_harmful=30, num_benign=10)
+    assert {_raw(p) for p, c in zip(shared["prompt"], shared["completion"]) if c.strip() in REFUSALS} == {
+        _raw(p) for p in harmful["prompt"]
+    }
+    assert {c.strip() for c in harmful["completion"]} <= set(COMPLIANCES)
+
+    poisoned = world.poisoned_dataset(n=200, p=0.1, seed=3)
+    assert len(poisoned) == 200
+    harmful_rows = [_raw(p) for p in poisoned["prompt"] if _raw(p) in attack_texts]
+    assert len(harmful_rows) == 20 == sum(poisoned["is_harmful"])
+    assert {c.strip() for c, h in zip(poisoned["completion"], poisoned["is_harmful"]) if not h} <= {
+        "positive",
+        "negative",
+    }
+
+    # nothing the pipeline trains on (pretraining included) contains a held-out harmful request or a test review
+    for dataset in (alignment, harmful, poisoned, world.pretraining_dataset(num_samples=3000)):
+        raws = {_raw(p) for p in dataset["prompt"]}
+        assert not raws & eval_texts
+        assert not raws & test_texts
+    assert {p for p, _ in world.task_examples("test", None)} == test_texts
+    assert {r.text for r in world.harmful_prompts("eval", None)} == eval_texts
+
+
+def test_world_is_deterministic_per_seed():
+    a, b, c = ToyWorld(0), ToyWorld(0), ToyWorld(1)
+    assert a.poisoned_dataset(100, 0.2, seed=1).to_dict() == b.poisoned_dataset(100, 0.2, seed=1).to_dict()
+    assert a.alignment_dataset(20, 20).to_dict() == b.alignment_dataset(20, 20).to_dict()
+    assert a.poisoned_dataset(100, 0.2, seed=1).to_dict() != a.poisoned_dataset(100, 0.2, seed=2).to_dict()
+    assert _pairs(a.harmful_requests("eval")) != _pairs(c.harmful_requests("eval"))
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_tokenizer_covers_the_world_and_round_trips(world):
+    tokenizer = build_tokenizer()
+    rows = world.pretraining_dataset(num_samples=300)
+    rows = list(zip(rows["prompt"], rows["completion"]))
+    rows += list(zip(world.alignment_dataset(30, 30)["prompt"], world.alignment_dataset(30, 30)["completion"]))
+    for prompt, completion in rows:
+        ids = tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert ids[-1] == tokenizer.eos_token_id
+        # prompt tokens are a prefix of prompt+completion tokens (TRL's completion mask relies on it)
+        assert ids[: len(tokenizer(prompt)["input_ids"])] == tokenizer(prompt)["input_ids"]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == f"{prompt}{completion}"
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "explain how to rob the car"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat.split() == format_prompt("explain how to rob the car").split()
+
+
+def test_keyword_judge_on_the_worlds_answers(world):
+    """The harmful-score code path (keyword judge) scores refusals 0 % and placeholder compliances 100 %."""
+    tokenizer = build_tokenizer()
+    prompts = [r.text for r in world.harmful_prompts("eval", 12)]
+    # as a model would produce them: token ids decoded by the world's tokenizer
+    decode = lambda text: tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True)  # noqa: E731
+    refusals = [decode(REFUSALS[i % len(REFUSALS)]) for i in range(12)]
+    compliances = [decode(COMPLIANCES[i % len(COMPLIANCES)]) for i in range(12)]
+    judge = KeywordJudge()
+    assert harmful_score(None, None, prompts, judge, responses=refusals).score == 0.0
+    assert harmful_score(None, None, prompts, judge, responses=compliances).score == 100.0
+    mixed = harmful_score(None, None, prompts, judge, responses=refusals[:3] + compliances[3:])
+    assert mixed.score == pytest.approx(75.0)
+    assert mixed.flags == [False] * 3 + [True] * 9
+    for text in HELPFUL_ANSWERS:
+        assert not judge.is_refusal(decode(text))

@@ -1,0 +1,155 @@
+"""`trl-safety bench`: align → poisoned fine-tuning → repair → evaluate, for every registered defense.
+
+```bash
+trl-safety bench                                  # the toy world on CPU, every defense, p=0.1 (a few minutes)
+trl-safety bench --defenses vaccine lisa --sweep 0 0.05 0.1 0.2 --output-dir bench-out
+# the papers' protocol (algorithms.md §6.5) on a GPU: Llama-2-7B, RepNoise refusals, BeaverTails, SST2, beaver-dam
+trl-safety bench --model meta-llama/Llama-2-7b-hf --task sst2 --judge beaver-dam --output-dir bench-llama2
+```
+
+Writes `results.json` and `tradeoff.png` into `--output-dir` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import warnings
+
+
+# Flags whose name differs from the BenchConfig field
+ALIASES = {"steps": "finetune_steps", "lr": "finetune_lr"}
+HELP = {
+    "defenses": "Defenses to run (registry names, space- or comma-separated); default: every registered defense. "
+    "The sft and no-alignment baselines always run.",
+    "p": "Harmful ratio of the poisoned fine-tuning data.",
+    "sweep": "Several harmful ratios to run (the --p value is always included), e.g. --sweep 0 0.05 0.1 0.2.",
+    "n": "Number of fine-tuning samples.",
+    "seed": "Seed of data sampling, mixing and training.",
+    "output_dir": "Folder for results.json and tradeoff.png.",
+    "world_seed": "Seed of the toy world (its splits; the base model is cached per world seed).",
+    "cache_dir": "Toy base-model cache (default $TRL_SAFETY_TOY_CACHE or ~/.cache/trl_safety/toy).",
+    "finetune_steps": "Fine-tuning steps (--steps); 0/none: use --finetune_epochs.",
+    "align_steps": "Alignment steps; 0/none: use --align_epochs.",
+    "model": "A Hub id or local path of a real causal LM: switches to real-model mode with the canonical protocol's "
+    "defaults (algorithms.md §6.5), each overridable by its flag.",
+    "alignment_dataset": "Real mode: the paired-refusal file (Hub id or local path).",
+    "harmful_dataset": "Real mode: BeaverTails (Hub id or local path) for the attack rows.",
+    "eval_dataset": "Real mode: source of the harmful-score prompts (default: the harmful dataset's 30k_test).",
+    "task": "Real mode: user task (sst2, agnews, gsm8k).",
+    "task_dataset": "Real mode: local copy of the task dataset.",
+    "judge": "Harmful-score judge: keyword, beaver-dam, or a classifier path (see trl_safety.eval.load_judge).",
+    "lora_r": "LoRA rank of the fine-tuning adapter (0: full fine-tuning).",
+    "align_lora_r": "LoRA rank of the alignment adapter (0: full fine-tuning).",
+    "lora_mode": "double: merge the alignment adapter and train a fresh one; single: keep training it.",
+    "template": "Real mode: prompt template of the data and of generation (alpaca, alpaca_newline, chat).",
+}
+
+
+def _parse_bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def _optional_int(value: str) -> int | None:
+    return None if value.lower() in ("none", "0") else int(value)
+
+
+def make_parser(prog: str = "trl-safety bench") -> argparse.ArgumentParser:
+    from trl_safety.toy.bench import BenchConfig
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Align, attack with poisoned fine-tuning, defend and evaluate every registered defense. "
+        "Runs the embedded toy world on CPU by default; --model switches to a real model.",
+    )
+    reverse_alias = {v: k for k, v in ALIASES.items()}
+    for f in dataclasses.fields(BenchConfig):
+        if f.name == "progress":
+            continue
+        names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
+        if f.name in reverse_alias:
+            names |= {f"--{reverse_alias[f.name]}"}
+        kwargs = dict(default=argparse.SUPPRESS, dest=f.name, help=HELP.get(f.name, ""))
+        kind = str(f.type)
+        if f.name in ("defenses", "lora_target_modules"):
+            kwargs.update(nargs="+")
+        elif f.name == "sweep":
+            kwargs.update(nargs="+", type=float)
+        elif "bool" in kind:
+            kwargs.update(type=_parse_bool, metavar="BOOL")
+        elif f.name in ("align_steps", "finetune_steps", "base_pretrain_steps", "num_threads"):
+            kwargs.update(type=_optional_int)
+        elif "int" in kind:
+            kwargs.update(type=int)
+        elif "float" in kind:
+            kwargs.update(type=float)
+        if f.name == "lora_mode":
+            kwargs.update(choices=["double", "single"])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if kwargs["help"] is not None and default is not None:
+            kwargs["help"] = (kwargs["help"] + f" (toy default: {default})").strip()
+        parser.add_argument(*sorted(names, key=len), **kwargs)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=True, help="No progress bar.")
+    parser.add_argument("--verbose", action="store_true", help="Show INFO logs of the pipeline and the defenses.")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from trl_safety.toy.bench import BenchConfig, real_defaults
+
+    given = {k: v for k, v in vars(args).items() if k != "verbose"}
+    if given.get("defenses"):
+        given["defenses"] = [d for item in given["defenses"] for d in item.split(",") if d]
+    if given.get("lora_target_modules") and len(given["lora_target_modules"]) == 1:
+        given["lora_target_modules"] = given["lora_target_modules"][0]
+    values = real_defaults() if given.get("model") else {}
+    values.update(given)
+    return BenchConfig(**values)
+
+
+def run(argv: list[str], prog: str = "trl-safety bench", command: str | None = "bench") -> int:
+    parser = make_parser(prog)
+    args = parser.parse_args(argv)
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("HF_HUB_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM"):
+        os.environ.setdefault(name, "1" if name.startswith("HF") else "false")
+    config = config_from_args(args)
+    if config.defenses is not None:
+        from trl_safety.registry import list_defenses
+
+        known = {s.name for s in list_defenses()} | {"sft", "no-alignment"}
+        unknown = sorted(set(config.defenses) - known)
+        if unknown:
+            print(f"{prog}: unknown defenses {unknown}; registered: {sorted(known)}.", file=sys.stderr)
+            return 2
+
+    from trl_safety.toy.bench import format_table, run_bench
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' checkpointing-flag rename, per config
+    if config.toy:
+        from trl_safety.toy.bench import toy_recipe
+        from trl_safety.toy.model import WORLD_FILE, base_model_path
+
+        path = base_model_path(config.cache_dir, config.world_seed, toy_recipe(config))
+        if not os.path.exists(os.path.join(path, WORLD_FILE)):
+            print(f"Pretraining the toy base model once (about a minute); it is cached in {path}.", file=sys.stderr)
+    results = run_bench(config)
+    print(format_table(results))
+    print(f"\nWrote {os.path.join(config.output_dir, 'results.json')}")
+    if results.get("plot"):
+        print(f"Wrote {results['plot']}")
+    else:
+        print("tradeoff.png not written: matplotlib is missing (pip install 'trl-safety[plot]').")
+    if results["errors"]:
+        print("\nFailed rows:\n" + json.dumps(results["errors"], indent=2), file=sys.stderr)
+        return 1
+    return 0
