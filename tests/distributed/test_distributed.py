@@ -64,6 +64,12 @@ def _matrix():
 SUPPORTED, REFUSED = _matrix()
 # Known defects, kept in the matrix (strict: the test fails once the defect is fixed, so the marker gets removed)
 KNOWN_FAILURES: dict[str, str] = {}
+# Cases whose final weights follow per-rank semantics by design: the ranks must agree, but no single-process run on the
+# same micro-batches computes the same thing
+RANK_LOCAL = {
+    "panacea+add_eps": "ε_last is the perturbation of the last harmful batch; every rank adds rank 0's, while a single "
+    "process adds the one of its own last micro-batch (rank 1's position in the interleaved order).",
+}
 SUPPORTED += [(f"{d}+add_eps", b) for d, b in list(SUPPORTED) if d == "panacea"]
 SUPPORTED += [(f"{d}+rescore", b) for d, b in list(SUPPORTED) if d == "t-vaccine"]
 
@@ -184,6 +190,8 @@ def test_defense_trains_identically_on_every_rank(defense, backend, tmp_root):
         assert len(result["rank_hashes"]) == 2 and len(set(result["rank_hashes"])) == 1, (
             f"{defense} ({mode}): parameters differ across ranks under {backend}"
         )
+        if defense in RANK_LOCAL:
+            continue
 
         ran = torch.load(os.path.join(summary["output_dir"], f"{defense}-{mode}.pt"))
         ref = torch.load(os.path.join(single, f"{defense}-{mode}.pt"))
