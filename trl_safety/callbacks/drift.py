@@ -13,6 +13,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..core.hooks import capture_outputs
 from ..core.layers import get_attention_modules, get_decoder_layers, unwrap_model
+from .logging_utils import log_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -166,18 +167,7 @@ class EmbeddingDriftCallback(TrainerCallback):
         metrics = self.compute_drift(model, args.device)
         self._last_step = state.global_step
         self.history.append((state.global_step, dict(metrics)))
-        if self.trainer is not None:
-            # Base `Trainer.log`: appends to `state.log_history` and fires `on_log`, which is how every `report_to`
-            # integration receives values. TRL trainers override `log` to flush their own averaged metric buffers
-            # into each call; calling that override mid-interval would emit partial averages under the wrong step.
-            # `on_log` also clears `should_log`, which DefaultFlowCallback may just have set for this step's loss:
-            # restore it so the regular log still happens.
-            controls = {id(c): (c, c.should_log) for c in (control, self.trainer.control) if c is not None}
-            Trainer.log(self.trainer, dict(metrics))
-            for flag_holder, should_log in controls.values():
-                flag_holder.should_log = should_log
-        else:
-            state.log_history.append({**metrics, "step": state.global_step})
+        log_metrics(self.trainer, state, control, metrics)
         logger.info("Embedding drift at step %d: %.6g", state.global_step, metrics["embedding_drift"])
 
     def _modules(self, model) -> list[torch.nn.Module]:

@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback
 from ..core.distributed import deepspeed_zero_stage
 from ..eval.harmful_score import harmful_score
 from ..eval.judges import Judge, load_judge
+from .logging_utils import log_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -137,14 +138,5 @@ class HarmfulScoreCallback(TrainerCallback):
         metrics = {self.metric_name: result.score}
         metrics.update({f"{self.metric_name}/{name}": value for name, value in result.per_category.items()})
         self.history.append((state.global_step, result.score))
-        if self.trainer is not None:
-            # Base `Trainer.log` (not TRL's override, which would flush its averaged training metrics into this
-            # call): appends to `state.log_history` and fires `on_log`, which every `report_to` integration listens
-            # to. `on_log` clears `should_log`, which may be set for this step's regular log: restore it.
-            controls = {id(c): (c, c.should_log) for c in (control, self.trainer.control) if c is not None}
-            Trainer.log(self.trainer, dict(metrics))
-            for holder, should_log in controls.values():
-                holder.should_log = should_log
-        else:
-            state.log_history.append({**metrics, "step": state.global_step})
+        log_metrics(self.trainer, state, control, metrics)
         logger.info("Harmful score at step %d: %.2f%%", state.global_step, result.score)
