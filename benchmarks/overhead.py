@@ -134,7 +134,8 @@ def run_worker(args) -> dict:
         "dataloader_drop_last": True,
     }
     train = _dataset(args.batch_size * n_steps, args.seq_len, args.vocab_size, args.seed)
-    extra = _dataset(max(64, args.batch_size * 4), args.seq_len, args.vocab_size, args.seed + 1)
+    # One extra row per train row: RepNoise pairs train row i with harmful row i
+    extra = _dataset(len(train), args.seq_len, args.vocab_size, args.seed + 1)
     kwargs = {}
     if args.defense == "sft":
         trainer_class, config_class = SFTTrainer, SFTConfig
