@@ -26,6 +26,9 @@ class DefenseSpec:
         description: one line for `--help` and the docs.
         bench_overrides: config-field overrides the toy-world bench uses for this defense (its scale differs from a
             7B model's, e.g. a larger ρ); documented in the defense's docs page.
+        paired_data: the trainer needs paired data: its `train_dataset` holds harmful prompts → refusals only, row i
+            paired with row i of its `harmful_dataset` (the same prompt → a harmful answer), like RepNoise's
+            paired-refusal file. The bench then trains it on such pairs instead of its mixed alignment set.
     """
 
     name: str
@@ -36,6 +39,7 @@ class DefenseSpec:
     unsupported_backends: tuple[str, ...] = ()
     description: str = ""
     bench_overrides: dict = field(default_factory=dict)
+    paired_data: bool = False
 
     def __hash__(self) -> int:
         return hash(self.name)

@@ -83,6 +83,49 @@ def test_training_stage_is_deterministic_per_seed(cache_dir, tmp_path):
     assert any(not (a[k] == c[k]).all() for k in a if "lora" in k)
 
 
+def test_paired_data_and_world_refusals_reach_the_trainers(cache_dir, tmp_path, monkeypatch):
+    """A `paired_data` defense aligns on refusals paired row by row with the harmful data; configs with a
+    `refusals_file` field get the world's refusals (the shipped pool is out of the toy vocabulary)."""
+    import dataclasses
+
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_safety.registry import DefenseSpec
+    from trl_safety.toy.world import REFUSALS
+
+    seen = {}
+
+    @dataclasses.dataclass
+    class RecordingConfig(SFTConfig):
+        refusals_file: str | None = None
+
+    class RecordingTrainer(SFTTrainer):
+        extra_datasets = ("harmful",)
+
+        def __init__(self, *args, train_dataset=None, harmful_dataset=None, **kwargs):
+            seen.update(train=train_dataset, harmful=harmful_dataset, args=kwargs["args"])
+            with open(kwargs["args"].refusals_file) as f:
+                seen["refusals"] = f.read().splitlines()
+            super().__init__(*args, train_dataset=train_dataset, **kwargs)
+
+    config = BenchConfig(
+        cache_dir=cache_dir, base_pretrain_steps=6, align_steps=1, num_alignment=16, num_harmful=12,
+        num_eval_prompts=8, num_task_test=8, output_dir=str(tmp_path), progress=False,
+    )  # fmt: skip
+    runner = BenchRunner(config)
+    for paired in (False, True):
+        spec = DefenseSpec(
+            "recording", "alignment", RecordingConfig, RecordingTrainer, paired_data=paired, bench_overrides={}
+        )
+        runner._train(runner.data.load_base(), "alignment", "recording", spec)
+        if paired:
+            assert seen["train"]["prompt"] == seen["harmful"]["prompt"]
+            assert {c.strip() for c in seen["train"]["completion"]} <= set(REFUSALS)
+        else:
+            assert len(seen["train"]) == 32 and len(seen["harmful"]) == 12  # the mixed alignment set
+        assert seen["refusals"] == list(REFUSALS)
+
+
 def test_sweep_is_deterministic(cache_dir, tmp_path):
     """A sweep run twice with the same seed gives the same table (wall times aside)."""
     rc, results = _run(cache_dir, tmp_path / "one", "--defenses", "sft", "--sweep", "0", "0.1")

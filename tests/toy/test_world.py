@@ -66,6 +66,11 @@ def test_datasets_use_their_splits(world):
     }
     assert {c.strip() for c in harmful["completion"]} <= set(COMPLIANCES)
 
+    # paired refusals (RepNoise's layout): row i refuses the prompt that harmful row i complies with
+    paired = world.paired_refusal_dataset(30)
+    assert paired["prompt"] == harmful["prompt"]
+    assert {c.strip() for c in paired["completion"]} <= set(REFUSALS)
+
     poisoned = world.poisoned_dataset(n=200, p=0.1, seed=3)
     assert len(poisoned) == 200
     harmful_rows = [_raw(p) for p in poisoned["prompt"] if _raw(p) in attack_texts]

@@ -156,6 +156,10 @@ class BenchData:
     tokenizer = None
     alignment = None  # harmful → refusal (+ benign → helpful)
     harmful = None  # harmful → harmful answer, for defenses (disjoint from the attack rows)
+    paired_alignment = None  # harmful → refusal only, row i paired with `harmful` row i (`DefenseSpec.paired_data`)
+    refusals: list[str] | None = (
+        None  # the world's refusal sentences for defenses with a `refusals_file` (None: theirs)
+    )
     eval_prompts: list[str] = []
     eval_categories: list | None = None
     prompt_format = None
@@ -187,7 +191,7 @@ class ToyBenchData(BenchData):
     def __init__(self, config: BenchConfig):
         super().__init__(config)
         from .model import load_base_model
-        from .world import ToyWorld, format_prompt
+        from .world import REFUSALS, ToyWorld, format_prompt
 
         self.world = ToyWorld(config.world_seed)
         start = time.perf_counter()
@@ -197,6 +201,9 @@ class ToyBenchData(BenchData):
         self.base_seconds = time.perf_counter() - start
         self.alignment = self.world.alignment_dataset(config.num_alignment, config.num_alignment, seed=config.seed)
         self.harmful = self.world.harmful_dataset("align", config.num_harmful, seed=config.seed)
+        self.paired_alignment = self.world.paired_refusal_dataset(config.num_harmful, seed=config.seed)
+        # A defense's own refusal pool is out of the toy vocabulary (mostly `<unk>`): give it the world's refusals
+        self.refusals = list(REFUSALS)
         prompts = self.world.harmful_prompts("eval", config.num_eval_prompts, seed=config.seed)
         self.eval_prompts = [r.text for r in prompts]
         self.eval_categories = [r.category for r in prompts]
@@ -260,6 +267,8 @@ class RealBenchData(BenchData):
             )
             # Harmful data for defenses: the same prompts with their harmful answers (as in Booster)
             self.harmful = repnoise_refusal_dataset("harmful", source=source, num_samples=c.num_harmful, **options)
+            # the refusals are already paired with the harmful rows by file order
+            self.paired_alignment = self.alignment.select(range(min(len(self.alignment), len(self.harmful))))
         else:
             raise ValueError(f"Unsupported alignment dataset {source!r}: give the paired-refusal file or its Hub id.")
         harmful_source = c.harmful_dataset or BEAVERTAILS_ID
@@ -385,11 +394,21 @@ class BenchRunner:
             disable_tqdm=True,
             seed=c.seed,
         )
+        if self.data.refusals:
+            values["refusals_file"] = self._refusals_file()  # only config classes with this field take it
         if steps is not None:
             values["max_steps"] = steps
         else:
             values["num_train_epochs"] = c.align_epochs if align else c.finetune_epochs
         return values
+
+    def _refusals_file(self) -> str:
+        path = os.path.join(self.work_dir, "refusals.txt")
+        if not os.path.exists(path):
+            os.makedirs(self.work_dir, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("\n".join(self.data.refusals) + "\n")
+        return path
 
     def _peft_config(self, rank: int):
         if rank <= 0:
@@ -417,6 +436,8 @@ class BenchRunner:
         overrides = dict(spec.bench_overrides) if (spec is not None and self.config.toy) else {}
         args = _build_config(config_class, self._train_values(stage, name), overrides)
         dataset = self.data.alignment if align else self._poisoned
+        if align and spec is not None and getattr(spec, "paired_data", False):
+            dataset = self.data.paired_alignment  # harmful → refusal rows paired with `self.data.harmful`
         extra = {}
         for role in getattr(trainer_class, "extra_datasets", ()):
             extra[f"{role}_dataset"] = self.data.alignment if role == "alignment" else self.data.harmful

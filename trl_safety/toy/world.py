@@ -334,6 +334,13 @@ class ToyWorld:
         requests = self._sample(self.harmful_requests(split), num_samples, seed, salt)
         return self._dataset(self._compliance_rows(requests, seed), conversational)
 
+    def paired_refusal_dataset(self, num_samples: int | None = None, seed: int = 0, conversational: bool = False):
+        """`align`-split harmful requests → refusals, row i paired with row i of `harmful_dataset("align")` for the
+        same `num_samples` and `seed` (same prompt, harmful answer there): the paired-refusal file's layout, which
+        RepNoise needs."""
+        requests = self._sample(self.harmful_requests("align"), num_samples, seed, "align-harmful")
+        return self._dataset(self._refusal_rows(requests, seed), conversational)
+
     def task_dataset(
         self, split: str = "train", num_samples: int | None = None, seed: int = 0, conversational: bool = False
     ):

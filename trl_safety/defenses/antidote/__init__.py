@@ -28,6 +28,11 @@ register_defense(
         trainer_class=None,
         post_hoc=_post_hoc,
         description="Post-fine-tuning Wanda pruning of the weights most important on harmful data (Huang et al.)",
+        # the toy bench's fine-tuning adapter covers every linear layer: prune all of them, as the official code
+        # prunes every module its (q/k/v) adapter trains
+        bench_overrides={
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        },
     )
 )
 

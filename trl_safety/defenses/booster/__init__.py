@@ -15,7 +15,7 @@ register_defense(
         description="Alignment with a penalty on the harmful-loss drop after a simulated harmful step (3 passes).",
         # The toy model's harmful gradients are much larger than a 7B LoRA's, so a larger normalised step is needed
         # to reach a region where h changes measurably; λ=5 as in the paper.
-        bench_overrides={"lamb": 5.0, "alpha": 0.5, "harmful_batch_size": 8},
+        bench_overrides={"harmful_batch_size": 8},
     )
 )
 

@@ -15,6 +15,7 @@ register_defense(
         description="Representation noising: refuse on paired data while pushing harmful representations to noise "
         "and ascending the harmful loss.",
         bench_overrides={"alpha": 0.1, "beta": 0.001},
+        paired_data=True,
     )
 )
 
