@@ -256,3 +256,31 @@ def set_offline_env() -> None:
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ------------------------------------------------------------------ independent references for defense gradient tests
+TINY_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+
+
+def token_nll(model, batch, reduction):
+    """Cross-entropy of the shifted labels from the full logits (no fused head), in fp32."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction)
+
+
+def grads_of(loss, params):
+    return [g.detach() for g in torch.autograd.grad(loss, params)]
+
+
+def enable_checkpointing(trainer, mode: str):
+    """What `Trainer.train()` does before the first step: `mode` is "off", "non-reentrant" or "reentrant"."""
+    from trl_safety.core.layers import unwrap_model
+
+    if mode != "off":
+        unwrap_model(trainer.model).activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": mode == "reentrant"}
+        )
+    return trainer

@@ -5,9 +5,18 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig
-from testing_utils import build_model, build_tokenizer, prompt_completion_dataset, tiny_config, trainable_snapshot
+from testing_utils import (
+    TINY_LORA,
+    build_model,
+    build_tokenizer,
+    enable_checkpointing,
+    grads_of,
+    prompt_completion_dataset,
+    tiny_config,
+    token_nll,
+    trainable_snapshot,
+)
 from trl import SFTTrainer
 
 from trl_safety.core.layers import unwrap_model
@@ -42,27 +51,13 @@ def make_trainer(tmp_path, peft=False, checkpointing="off", ga=1, trainer_class=
         args=tiny_config(tmp_path, config_class, **kwargs),
         train_dataset=prompt_completion_dataset(8),
         processing_class=build_tokenizer(),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-        if peft
-        else None,
+        peft_config=LoraConfig(**TINY_LORA) if peft else None,
         **extra,
     )
-    if checkpointing != "off":
-        unwrap_model(trainer.model).activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"}
-        )
-    return trainer
+    return enable_checkpointing(trainer, checkpointing)
 
 
 # ------------------------------------------------------------------------------- independent reference (spec math)
-def token_nll(model, batch, reduction):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction)
-
-
-def grads_of(loss, params):
-    return [g.detach() for g in torch.autograd.grad(loss, params)]
 
 
 def harmful_batch(trainer):
