@@ -284,3 +284,25 @@ def enable_checkpointing(trainer, mode: str):
             activation_checkpointing_kwargs={"use_reentrant": mode == "reentrant"}
         )
     return trainer
+
+
+def run_training_steps(trainer, ga):
+    """One optimizer step's worth of `training_step` calls (GA micro-batches), without the optimizer.
+
+    Asserts the weights are unchanged afterwards (any in-place perturbation was undone bit-exactly) and returns the
+    micro-batches and the accumulated gradients of the trainable parameters.
+    """
+    loader = iter(trainer.get_train_dataloader())
+    batches = [trainer._prepare_inputs(next(loader)) for _ in range(ga)]
+    trainer.current_gradient_accumulation_steps = ga
+    num_items = trainer._get_num_items_in_batch(batches, batches[0]["input_ids"].device)
+    trainer.model.zero_grad(set_to_none=True)
+    before = trainable_snapshot(trainer.model)
+    for batch in batches:
+        trainer.training_step(trainer.model, batch, num_items)
+    after = trainable_snapshot(trainer.model)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    actual = [p.grad.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
+    trainer.model.zero_grad(set_to_none=True)
+    return batches, actual

@@ -15,6 +15,7 @@ from testing_utils import (
     enable_checkpointing,
     grads_of,
     prompt_completion_dataset,
+    run_training_steps,
     text_dataset,
     tiny_config,
     token_nll,
@@ -111,23 +112,6 @@ def antibody_reference(trainer, batches, alpha, eta, momentum, lambda2, fixed_la
         for e, a_, d_, r_ in zip(expected, g_a, g_d, g_r):
             e += a_ + (lam * d_ + lambda2 * r_) / ga
     return expected, lam
-
-
-def run_training_steps(trainer, ga):
-    loader = iter(trainer.get_train_dataloader())
-    batches = [trainer._prepare_inputs(next(loader)) for _ in range(ga)]
-    trainer.current_gradient_accumulation_steps = ga
-    num_items = trainer._get_num_items_in_batch(batches, batches[0]["input_ids"].device)
-    trainer.model.zero_grad(set_to_none=True)
-    before = trainable_snapshot(trainer.model)
-    for batch in batches:
-        trainer.training_step(trainer.model, batch, num_items)
-    after = trainable_snapshot(trainer.model)
-    for name in before:
-        assert torch.equal(before[name], after[name]), name
-    actual = [p.grad.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
-    trainer.model.zero_grad(set_to_none=True)
-    return batches, actual
 
 
 def assert_close(actual, expected):

@@ -13,6 +13,7 @@ from testing_utils import (
     enable_checkpointing,
     grads_of,
     prompt_completion_dataset,
+    run_training_steps,
     tiny_config,
     token_nll,
     trainable_snapshot,
@@ -88,23 +89,6 @@ def booster_reference(trainer, batches, lamb, alpha):
         for e, f, h, q in zip(expected, g_f, g_h, g_p):
             e += f + lamb * (h - q) / ga
     return expected
-
-
-def run_training_steps(trainer, ga):
-    loader = iter(trainer.get_train_dataloader())
-    batches = [trainer._prepare_inputs(next(loader)) for _ in range(ga)]
-    trainer.current_gradient_accumulation_steps = ga
-    num_items = trainer._get_num_items_in_batch(batches, batches[0]["input_ids"].device)
-    trainer.model.zero_grad(set_to_none=True)
-    before = trainable_snapshot(trainer.model)
-    for batch in batches:
-        trainer.training_step(trainer.model, batch, num_items)
-    after = trainable_snapshot(trainer.model)
-    for name in before:  # the simulated harmful step left no trace on the weights
-        assert torch.equal(before[name], after[name]), name
-    actual = [p.grad.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
-    trainer.model.zero_grad(set_to_none=True)
-    return batches, actual
 
 
 def assert_grads_close(actual, expected):

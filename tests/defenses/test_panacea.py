@@ -13,9 +13,9 @@ from testing_utils import (
     enable_checkpointing,
     grads_of,
     prompt_completion_dataset,
+    run_training_steps,
     tiny_config,
     token_nll,
-    trainable_snapshot,
 )
 from trl import SFTConfig, SFTTrainer
 
@@ -82,23 +82,6 @@ def panacea_reference(trainer, batches, lamb, rho, clamp):
         for e, f, h, q in zip(expected, g_f, g_h, g_p):
             e += f - lamb * (q - h) / ga
     return expected, eps
-
-
-def run_training_steps(trainer, ga):
-    loader = iter(trainer.get_train_dataloader())
-    batches = [trainer._prepare_inputs(next(loader)) for _ in range(ga)]
-    trainer.current_gradient_accumulation_steps = ga
-    num_items = trainer._get_num_items_in_batch(batches, batches[0]["input_ids"].device)
-    trainer.model.zero_grad(set_to_none=True)
-    before = trainable_snapshot(trainer.model)
-    for batch in batches:
-        trainer.training_step(trainer.model, batch, num_items)
-    after = trainable_snapshot(trainer.model)
-    for name in before:  # the perturbation was undone bit-exactly
-        assert torch.equal(before[name], after[name]), name
-    actual = [p.grad.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
-    trainer.model.zero_grad(set_to_none=True)
-    return batches, actual
 
 
 def assert_close(actual, expected):
