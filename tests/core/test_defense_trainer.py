@@ -113,7 +113,8 @@ def test_extra_dataset_from_local_file(tmp_path):
 def test_defense_state_round_trips_through_checkpoint(tmp_path):
     full = _trainer(tmp_path / "full")
     full.train()
-    assert os.path.exists(tmp_path / "full" / "checkpoint-2" / "defense_state.pt")
+    assert os.path.exists(tmp_path / "full" / "checkpoint-2" / "defense_state.json")
+    assert os.path.exists(tmp_path / "full" / "checkpoint-2" / "defense_state.safetensors")
 
     resumed = _trainer(tmp_path / "full")  # same output dir: resume from its checkpoint-2
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
@@ -138,7 +139,7 @@ def test_checkpoint_of_another_defense_is_refused(tmp_path):
         train_dataset=prompt_completion_dataset(),
         processing_class=build_tokenizer(),
     ).train()
-    with pytest.raises(ValueError, match="has no defense_state.pt"):
+    with pytest.raises(ValueError, match="has no defense_state.json"):
         _trainer(tmp_path / "x").train(resume_from_checkpoint=str(sft_dir / "checkpoint-2"))
 
 

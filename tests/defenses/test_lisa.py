@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from trl_safety import LisaConfig, LisaTrainer
+from trl_safety.core.state_io import load_defense_state
 from trl_safety.registry import get_defense
 
 
@@ -210,9 +211,9 @@ def test_resume_is_bit_exact(tmp_path, mode):
     straight = make(tmp_path / "a")
     straight.train()
     checkpoint = tmp_path / "a" / "checkpoint-3"
-    state = torch.load(checkpoint / "defense_state.pt", weights_only=False)
-    assert state["defense"] == "lisa" and state["state"]["phase"] == "finetune"
-    assert state["state"]["alignment_batches"]["position"] > 0
+    defense, state = load_defense_state(str(checkpoint))
+    assert defense == "lisa" and state["phase"] == "finetune"
+    assert state["alignment_batches"]["position"] > 0
 
     resumed = make(tmp_path / "b")
     resumed.train(resume_from_checkpoint=str(checkpoint))

@@ -225,7 +225,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     full.train()
     resumed = make_trainer(tmp_path / "resumed", **common)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
-    assert os.path.exists(tmp_path / "run" / "checkpoint-2" / "defense_state.pt")
+    assert os.path.exists(tmp_path / "run" / "checkpoint-2" / "defense_state.json")
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert full._active == resumed._active

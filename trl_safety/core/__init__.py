@@ -7,13 +7,14 @@ from .hooks import add_to_outputs, capture_outputs, first_tensor, gradient_check
 from .layers import find_modules, get_attention_modules, get_decoder_layers, unwrap_model
 from .losses import is_packed_batch, lm_forward, lm_loss, per_sample_nll, per_sample_token_mean_nll
 from .snapshot import ParameterSnapshot, trainable_parameters
-from .trainer import DEFENSE_STATE_NAME, DefenseTrainerMixin, check_trl_format
+from .state_io import DefenseStateError, load_defense_state, save_defense_state
+from .trainer import DefenseTrainerMixin, check_trl_format
 
 
 __all__ = [
-    "DEFENSE_STATE_NAME",
     "AlignmentDataArguments",
     "CyclingBatches",
+    "DefenseStateError",
     "DefenseTrainerMixin",
     "EpochPermutationSampler",
     "HarmfulDataArguments",
@@ -34,9 +35,11 @@ __all__ = [
     "is_packed_batch",
     "lm_forward",
     "lm_loss",
+    "load_defense_state",
     "per_sample_nll",
     "per_sample_token_mean_nll",
     "replace_first",
+    "save_defense_state",
     "trainable_parameters",
     "unwrap_model",
     "upgrade_config",

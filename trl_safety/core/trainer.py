@@ -4,8 +4,8 @@
 - accepts `alignment_dataset=` / `harmful_dataset=` or loads them from the config's `*_dataset_name` fields, then
   prepares them with TRL's own dataset preparation;
 - refuses backends the defense cannot run on, before training;
-- saves defense state (`defense_state.pt`) with every checkpoint, restores it on resume, and refuses checkpoints
-  written by another defense;
+- saves defense state with every checkpoint (safetensors + JSON, `core.state_io`), restores it on resume, and
+  refuses checkpoints written by another defense;
 - writes `defense_config.json` beside the weights and a model card with a defense section.
 """
 
@@ -26,11 +26,11 @@ from .batches import CyclingBatches
 from .card import DEFENSE_CONFIG_NAME, build_model_card, find_results, licence_notes_for
 from .config import defense_field_names, upgrade_config
 from .distributed import backend_name
+from .state_io import STATE_JSON_NAME, has_defense_state, load_defense_state, save_defense_state
 
 
 logger = logging.getLogger(__name__)
 
-DEFENSE_STATE_NAME = "defense_state.pt"
 _TRL_FORMAT_HINT = (
     "Expected one of TRL's dataset formats: `text`, `prompt`+`completion` (standard or conversational), "
     "`messages`, or pre-tokenized `input_ids`."
@@ -192,28 +192,26 @@ class DefenseTrainerMixin:
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         if self.is_world_process_zero():
-            state = {"defense": self.defense_name, "format": 1, "state": self.defense_state_dict()}
-            torch.save(state, os.path.join(folder, DEFENSE_STATE_NAME))
+            save_defense_state(folder, self.defense_name, self.defense_state_dict())
 
     def load_defense_checkpoint(self, checkpoint: str) -> None:
-        """Read `defense_state.pt` from a checkpoint folder and restore it (refusing other defenses' checkpoints)."""
-        path = os.path.join(checkpoint, DEFENSE_STATE_NAME)
-        if not os.path.exists(path):
+        """Restore the defense state of a checkpoint folder (refusing other defenses' checkpoints; no pickle)."""
+        if not has_defense_state(checkpoint):
             if self.defense_state_dict():
                 raise ValueError(
-                    f"Checkpoint {checkpoint} has no {DEFENSE_STATE_NAME}: it was not written by "
+                    f"Checkpoint {checkpoint} has no {STATE_JSON_NAME}: it was not written by "
                     f"{type(self).__name__}, whose state (e.g. {sorted(self.defense_state_dict())}) cannot be "
                     "restored. Resume from a checkpoint of the same defense, or start a new run."
                 )
-            logger.warning("Checkpoint %s has no %s; resuming without defense state.", checkpoint, DEFENSE_STATE_NAME)
+            logger.warning("Checkpoint %s has no %s; resuming without defense state.", checkpoint, STATE_JSON_NAME)
             return
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        if saved.get("defense") != self.defense_name:
+        defense, state = load_defense_state(checkpoint)
+        if defense != self.defense_name:
             raise ValueError(
-                f"Checkpoint {checkpoint} was written by defense {saved.get('defense')!r}, not "
+                f"Checkpoint {checkpoint} was written by defense {defense!r}, not "
                 f"{self.defense_name!r}; refusing to resume {type(self).__name__} from it."
             )
-        self.load_defense_state_dict(saved["state"])
+        self.load_defense_state_dict(state)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
