@@ -30,9 +30,11 @@ def test_sft_command_trains_and_saves(tmp_path):
     assert (out / "model.safetensors").exists()
 
 
-def test_align_requires_an_alignment_defense():
-    with pytest.raises(SystemExit, match="choose an alignment-stage defense"):
-        main(["align", "--output_dir", "x"])
+def test_align_requires_an_alignment_defense(capsys):
+    assert main(["align", "--output_dir", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trl-safety align: error: choose an alignment-stage defense with --defense (")
+    assert "vaccine" in err and len(err.splitlines()) == 1
 
 
 def test_accelerate_argument_plumbing():

@@ -20,6 +20,8 @@ import os
 import sys
 import warnings
 
+from trl_safety.cli.checks import UsageError, check_dataset, check_judge, check_model
+
 
 # Flags whose name differs from the BenchConfig field
 ALIASES = {"steps": "finetune_steps", "lr": "finetune_lr"}
@@ -115,22 +117,31 @@ def config_from_args(args: argparse.Namespace):
     return BenchConfig(**values)
 
 
-def run(argv: list[str], prog: str = "trl-safety bench", command: str | None = "bench") -> int:
-    parser = make_parser(prog)
-    args = parser.parse_args(argv)
-    level = logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("HF_HUB_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM"):
-        os.environ.setdefault(name, "1" if name.startswith("HF") else "false")
-    config = config_from_args(args)
+def check_bench_config(config) -> None:
+    """Defenses, judge, model and datasets can be found, before the pipeline starts (a toy run takes minutes)."""
     if config.defenses is not None:
         from trl_safety.registry import list_defenses
 
         known = {s.name for s in list_defenses()} | {"sft", "no-alignment"}
         unknown = sorted(set(config.defenses) - known)
         if unknown:
-            print(f"{prog}: unknown defenses {unknown}; registered: {sorted(known)}.", file=sys.stderr)
-            return 2
+            raise UsageError(f"unknown defenses {unknown}; registered: {', '.join(sorted(known))}.")
+    if not config.toy:
+        check_model(config.model, "--model")
+        for name in ("alignment_dataset", "harmful_dataset", "eval_dataset", "task_dataset"):
+            check_dataset(getattr(config, name), f"--{name}")
+    check_judge(config.judge)
+
+
+def run(argv: list[str], prog: str = "trl-safety bench", command: str | None = "bench") -> int:
+    parser = make_parser(prog)
+    args = parser.parse_args(argv)
+    level = logging.INFO if args.verbose else logging.WARNING
+    for name in ("HF_HUB_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM"):
+        os.environ.setdefault(name, "1" if name.startswith("HF") else "false")
+    config = config_from_args(args)
+    check_bench_config(config)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
     from trl_safety.toy.bench import format_table, run_bench
 

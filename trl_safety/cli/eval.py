@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from trl_safety.cli.checks import UsageError, check_adapter_base, check_dataset, check_judge, check_model
+
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +145,45 @@ def load_prompt_set(args, protocol):
     return raw[args.prompt_column], categories
 
 
+def check_eval_arguments(args) -> None:
+    """Everything the evaluation names can be found (protocol, models, data, judge), before anything is loaded."""
+    from trl_safety.eval import PROTOCOLS
+
+    if args.protocol.lower().replace("-", "_") not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {args.protocol!r}; available: {', '.join(sorted(PROTOCOLS))}.")
+    check_model(args.model, "--model")
+    if is_adapter(args.model):
+        check_adapter_base(args.model, args.base_model, "--base_model")
+    check_model(args.base_model, "--base_model")
+    for adapter in args.adapter:
+        check_model(adapter, "--adapter")
+    check_model(args.tokenizer, "--tokenizer")
+    if not args.no_harmful_score:
+        check_dataset(args.prompts, "--prompts")
+    check_dataset(args.task_data, "--task_data")
+
+
 def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: str = "eval") -> int:
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from trl_safety.data import TASK_TEST_SPLITS, load_task_dataset
-    from trl_safety.eval import get_protocol, harmful_score, load_judge
-    from trl_safety.eval.task_accuracy import finetune_accuracy
+    check_eval_arguments(args)
+    from trl_safety.eval import get_protocol, load_judge
 
     protocol = get_protocol(args.protocol)
+    judge = None
+    if not args.no_harmful_score:
+        # resolved before any answer is generated: an unknown name or missing checkpoint fails now, not after
+        judge_name = args.judge or protocol.judge
+        check_judge(judge_name)
+        judge_kwargs = {} if judge_name.lower() == "keyword" else {"batch_size": args.judge_batch_size}
+        judge = load_judge(judge_name, **judge_kwargs)  # classifier weights load lazily, at the first score
+        if args.threshold is not None:
+            judge.threshold = args.threshold
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from trl_safety.data import TASK_TEST_SPLITS, load_task_dataset
+    from trl_safety.eval import harmful_score
+    from trl_safety.eval.task_accuracy import finetune_accuracy
+
     template = args.template or protocol.template
     template = None if template == "none" else template
     max_new_tokens = args.max_new_tokens or protocol.max_new_tokens
@@ -170,13 +203,6 @@ def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: s
     if not args.no_harmful_score:
         start = time.perf_counter()
         prompts, categories = load_prompt_set(args, protocol)
-        judge_kwargs = {}
-        judge_name = args.judge or protocol.judge
-        if judge_name.lower() != "keyword":
-            judge_kwargs["batch_size"] = args.judge_batch_size
-        judge = load_judge(judge_name, **judge_kwargs)
-        if args.threshold is not None:
-            judge.threshold = args.threshold
         result = harmful_score(
             model, tokenizer, prompts, judge, categories=categories, prompt_format=template, **generation
         )
@@ -214,4 +240,6 @@ def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: s
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    from trl_safety.cli.main import run_command
+
+    sys.exit(run_command(run, sys.argv[1:], prog="trl-safety eval", command="eval"))

@@ -6,6 +6,8 @@ import importlib
 import importlib.util
 import sys
 
+from trl_safety.cli.checks import UsageError
+
 
 # subcommand -> (module, help). A module exposes `run(argv, prog, command) -> int`; absent modules are not offered.
 COMMANDS = {
@@ -42,7 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trl-safety: unknown command {command!r}.\n\n{_usage(commands)}", file=sys.stderr)
         return 2
     module = importlib.import_module(commands[command][0])
-    return int(module.run(argv[1:], prog=f"trl-safety {command}", command=command) or 0)
+    return run_command(module.run, argv[1:], prog=f"trl-safety {command}", command=command)
+
+
+def run_command(run, argv: list[str], prog: str, command: str | None) -> int:
+    """Call a subcommand's `run`. The one place that reports command-line mistakes: a `UsageError` (raised by the
+    checks in `trl_safety.cli.checks` before any expensive work) is printed as one `<prog>: error: <message>` line on
+    stderr, shaped like argparse's own errors, and exits with code 2. Any other exception keeps its traceback."""
+    try:
+        return int(run(argv, prog=prog, command=command) or 0)
+    except UsageError as exc:
+        message = " ".join(str(exc).splitlines())
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

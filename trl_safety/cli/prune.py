@@ -22,8 +22,16 @@ import dataclasses
 import inspect
 import json
 import os
-import sys
 from dataclasses import dataclass, field
+
+from trl_safety.cli.checks import (
+    UsageError,
+    check_adapter_base,
+    check_dataset_fields,
+    check_defense,
+    check_model,
+    parse_or_usage,
+)
 
 
 @dataclass
@@ -139,6 +147,15 @@ def save_repaired(model, tokenizer, spec, config, args: PruneArguments, is_adapt
     card.save(os.path.join(args.output_dir, "README.md"))
 
 
+def check_prune_arguments(args: PruneArguments, config) -> None:
+    """The models and datasets the repair names can be found, before anything is loaded."""
+    check_model(args.model, "--model")
+    check_adapter_base(args.model, args.adapter_base_model, "--adapter_base_model")
+    for flag in ("adapter_base_model", "base_model", "aligned_model"):
+        check_model(getattr(args, flag), f"--{flag}")
+    check_dataset_fields(config)
+
+
 def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "prune") -> int:
     from transformers import HfArgumentParser
 
@@ -152,20 +169,19 @@ def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "
         if "-h" in rest or "--help" in rest:
             print(f"{usage}\n\nRun `{prog} --defense NAME --help` for the options of a defense.")
             return 0
-        print(
-            f"{prog}: choose a post-fine-tuning defense with --defense ({', '.join(names)}).\n{usage}", file=sys.stderr
-        )
-        return 2
+        raise UsageError(f"choose a post-fine-tuning defense with --defense ({', '.join(names)}).")
+    check_defense(defense, ("post-fine-tuning",), command or "prune")
     spec = get_defense(defense)
     if spec.stage != "post-fine-tuning" or spec.post_hoc is None:
         right = "align" if spec.stage == "alignment" else "sft"
-        raise SystemExit(
-            f"Defense {defense!r} runs at the {spec.stage} stage; use `trl-safety {right}`. "
+        raise UsageError(
+            f"defense {defense!r} runs at the {spec.stage} stage; use `trl-safety {right}`. "
             f"`{prog}` runs: {', '.join(names)}."
         )
 
     parser = HfArgumentParser((PruneArguments, spec.config_class), prog=f"{prog} --defense {defense}")
-    args, config = parser.parse_args_into_dataclasses(rest)
+    args, config = parse_or_usage(parser.parse_args_into_dataclasses, rest)
+    check_prune_arguments(args, config)
     model, tokenizer, is_adapter, base_name = load_model_for_repair(args)
 
     kwargs = {"processing_class": tokenizer, "base_model": args.base_model, "aligned_model": args.aligned_model}

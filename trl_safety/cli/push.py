@@ -13,8 +13,10 @@ The folder must hold `defense_config.json` (written by every defense trainer's `
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import sys
+
+from trl_safety.cli.checks import UsageError
 
 
 WEIGHT_FILES = (
@@ -59,7 +61,10 @@ def _check_folder(folder: str) -> None:
     from ..core.card import DEFENSE_CONFIG_NAME
 
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder} is not a folder.")
+        raise FileNotFoundError(
+            f"{folder} is not a folder; pass the output folder of a defense trainer (where `trainer.save_model(...)` "
+            f"wrote the weights and {DEFENSE_CONFIG_NAME})."
+        )
     if not os.path.isfile(os.path.join(folder, DEFENSE_CONFIG_NAME)):
         raise FileNotFoundError(
             f"{folder} has no {DEFENSE_CONFIG_NAME}: it was not saved by a trl_safety trainer. Save the model with "
@@ -68,6 +73,16 @@ def _check_folder(folder: str) -> None:
         )
     if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
         raise FileNotFoundError(f"{folder} holds no weights: expected one of {', '.join(WEIGHT_FILES)}.")
+    # Checked here, before the repository is created, rather than when the card is written
+    path = os.path.join(folder, DEFENSE_CONFIG_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); it is not a trl_safety defense config.") from None
+    missing = [key for key in ("defense", "stage") if not isinstance(info, dict) or key not in info]
+    if missing:
+        raise ValueError(f"{path} lacks the field(s) {missing}; it is not a trl_safety defense config.")
 
 
 def push_folder(
@@ -104,22 +119,28 @@ def push_folder(
 
 
 def run(argv: list[str], prog: str | None = None, command: str | None = None) -> int:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     args = make_parser(prog).parse_args(argv)
     try:
-        commit = push_folder(
-            args.folder,
-            args.repo_id,
-            private=args.private,
-            token=args.token,
-            commit_message=args.commit_message,
-            revision=args.revision,
-            dataset_name=args.dataset_name,
-            tags=args.tags,
-            write_card=not args.no_card,
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"{prog or 'trl-safety push'}: error: {exc}", file=sys.stderr)
-        return 2
+        _check_folder(args.folder)
+    except (FileNotFoundError, ValueError) as exc:  # the folder is not a saved defended model
+        raise UsageError(str(exc)) from None
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as exc:
+        raise UsageError(f"argument --repo_id: {exc}") from None
+    commit = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+        revision=args.revision,
+        dataset_name=args.dataset_name,
+        tags=args.tags,
+        write_card=not args.no_card,
+    )
     url = getattr(commit, "commit_url", None) or f"https://huggingface.co/{args.repo_id}"
     print(f"Pushed {args.folder} to {url}")
     return 0

@@ -19,8 +19,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
+
+from trl_safety.cli.checks import (
+    UsageError,
+    check_config_file,
+    check_dataset,
+    check_dataset_fields,
+    check_defense,
+    check_model,
+    parse_or_usage,
+)
 
 
 STAGE_OF_COMMAND = {"align": ("alignment",), "sft": ("fine-tuning",)}
@@ -47,6 +58,21 @@ def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]
     return result
 
 
+def _find_accelerate_config(name: str) -> str | None:
+    """The path of a config file, or of a profile bundled in `trl_safety/accelerate_configs` (then in TRL's)."""
+    if Path(name).is_file():
+        return name
+    for package in ("trl_safety.accelerate_configs", "trl.accelerate_configs"):
+        candidate = resources.files(package).joinpath(f"{name}.yaml")
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def bundled_accelerate_profiles(package: str = "trl_safety.accelerate_configs") -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
+
+
 def resolve_accelerate_config(name: str) -> str:
     """A file path, or a profile name shipped in `trl_safety/accelerate_configs` (then in TRL's).
 
@@ -54,23 +80,28 @@ def resolve_accelerate_config(name: str) -> str:
     the bundled `cpu_zero3.yaml` → `cpu_zero3.json`) is resolved against the profile's own folder: a copy of the profile
     with the absolute path is written to a temporary file, whose path is returned, so it launches from any directory.
     """
-    path = None
-    if Path(name).is_file():
-        path = name
-    else:
-        for package in ("trl_safety.accelerate_configs", "trl.accelerate_configs"):
-            candidate = resources.files(package).joinpath(f"{name}.yaml")
-            if candidate.is_file():
-                path = str(candidate)
-                break
+    path = _find_accelerate_config(name)
     if path is None:
-        bundled = sorted(
-            p.name[:-5] for p in resources.files("trl_safety.accelerate_configs").iterdir() if p.name.endswith(".yaml")
-        )
+        bundled = bundled_accelerate_profiles()
         raise ValueError(
             f"Accelerate config {name!r} is neither a file nor a bundled profile. Bundled: {', '.join(bundled) or 'none'}."
         )
     return _with_absolute_deepspeed_file(path)
+
+
+def check_accelerate_config(name: str) -> str:
+    """`resolve_accelerate_config` for the command line: an unknown profile or a broken file is a `UsageError`."""
+    if _find_accelerate_config(name) is None:
+        ours = bundled_accelerate_profiles()
+        trl = [p for p in bundled_accelerate_profiles("trl.accelerate_configs") if p not in ours]
+        raise UsageError(
+            f"unknown accelerate profile {name!r}; available: {', '.join(ours)} (TRL's: {', '.join(trl)}), or pass "
+            "the path of an accelerate config file."
+        )
+    try:
+        return resolve_accelerate_config(name)
+    except ValueError as exc:  # the file names a DeepSpeed config that is not there
+        raise UsageError(f"--accelerate_config {name!r}: {exc}") from None
 
 
 def _with_absolute_deepspeed_file(path: str) -> str:
@@ -112,7 +143,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args, defense:
     from datasets import load_dataset
     from trl import SFTTrainer, get_dataset, get_peft_config, get_quantization_config
 
-    from trl_safety.data.loading import load_named_dataset
+    from trl_safety.data.loading import load_named_dataset, looks_like_local_path
     from trl_safety.registry import get_defense
 
     trainer_class = SFTTrainer if defense is None else get_defense(defense).trainer_class
@@ -129,7 +160,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args, defense:
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)
     elif script_args.dataset_name:
-        if os.path.exists(script_args.dataset_name):
+        if os.path.exists(script_args.dataset_name) or looks_like_local_path(script_args.dataset_name):
             dataset = {script_args.dataset_train_split: load_named_dataset(script_args.dataset_name, split=None)}
         else:
             dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
@@ -169,35 +200,72 @@ def _config_class(defense: str | None, command: str | None):
 
     if defense is None:
         if command == "align":
-            raise SystemExit("trl-safety align: choose an alignment-stage defense with --defense.")
+            from trl_safety.registry import list_defenses
+
+            names = ", ".join(spec.name for spec in list_defenses("alignment"))
+            raise UsageError(f"choose an alignment-stage defense with --defense ({names}).")
         return SFTConfig
+    check_defense(defense, STAGE_OF_COMMAND.get(command), command)
     spec = get_defense(defense)
     allowed = STAGE_OF_COMMAND.get(command)
     if spec.trainer_class is None:
-        raise SystemExit(f"Defense {defense!r} is a post-hoc repair; run it with `trl-safety prune`.")
+        raise UsageError(f"defense {defense!r} is a post-hoc repair; run it with `trl-safety prune`.")
     if allowed is not None and spec.stage not in allowed:
         right = "align" if spec.stage == "alignment" else "sft"
-        raise SystemExit(f"Defense {defense!r} runs at the {spec.stage} stage; use `trl-safety {right}`.")
+        raise UsageError(f"defense {defense!r} runs at the {spec.stage} stage; use `trl-safety {right}`.")
     return spec.config_class
 
 
-def run(argv: list[str], prog: str = "trl-safety sft", command: str | None = "sft") -> int:
+def check_training_arguments(script_args, training_args, model_args, dataset_args) -> None:
+    """The model and every dataset the run names can be found, before anything is loaded or launched."""
+    if model_args.model_name_or_path is None:
+        raise UsageError("the following arguments are required: --model_name_or_path")
+    check_model(model_args.model_name_or_path, "--model_name_or_path", revision=model_args.model_revision)
+    if not dataset_args.datasets and not script_args.dataset_name:
+        raise UsageError("the following arguments are required: --dataset_name (or `datasets` in the --config file)")
+    check_dataset_fields(script_args, training_args)
+    for index, dataset in enumerate(dataset_args.datasets or []):
+        check_dataset(getattr(dataset, "path", None), f"datasets[{index}].path")
+
+
+def _pop_accelerate_config(launch_args: list[str]) -> tuple[str | None, list[str]]:
+    """Take `--accelerate_config NAME` (or `--accelerate_config=NAME`) out of the accelerate arguments."""
+    for index, arg in enumerate(launch_args):
+        if arg.startswith("--accelerate_config="):
+            return arg.split("=", 1)[1], launch_args[:index] + launch_args[index + 1 :]
+        if arg == "--accelerate_config":
+            if index + 1 >= len(launch_args) or launch_args[index + 1].startswith("-"):
+                raise UsageError("argument --accelerate_config: expected one argument (a profile name or a file)")
+            return launch_args[index + 1], launch_args[:index] + launch_args[index + 2 :]
+    return None, launch_args
+
+
+def parse_training_arguments(argv: list[str], command: str | None, prog: str | None = None, **parse_kwargs):
+    """(defense, parsed...) from the command line, checked: a mistake is a `UsageError` before anything loads."""
     defense, rest = _pop_defense(argv)
+    check_config_file(rest)
     parser = make_parser(_config_class(defense, command), prog=prog)
-    *parsed, config_remaining, cli_remaining = parser.parse_args_and_config(
-        rest, return_remaining_strings=True, separate_remaining_strings=True
+    with warnings.catch_warnings():
+        # TRL's SFTConfig sets the old `gradient_checkpointing` name itself: nothing the user can act on
+        warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+        parsed = parse_or_usage(parser.parse_args_and_config, rest, **parse_kwargs)
+    check_training_arguments(*parsed[:4])
+    return defense, rest, parsed
+
+
+def run(argv: list[str], prog: str = "trl-safety sft", command: str | None = "sft") -> int:
+    defense, rest, parsed = parse_training_arguments(
+        argv, command, prog, return_remaining_strings=True, separate_remaining_strings=True
     )
+    *parsed, config_remaining, cli_remaining = parsed
     launch_args = config_remaining + cli_remaining
+    accelerate_config, launch_args = _pop_accelerate_config(launch_args)
+    if accelerate_config is not None:
+        launch_args = ["--config_file", check_accelerate_config(accelerate_config), *launch_args]
     if launch_args:
         # Re-launch this file through `accelerate launch` with the remaining (accelerate) arguments
         from accelerate.commands.launch import launch_command, launch_command_parser
 
-        if "--accelerate_config" in launch_args:
-            index = launch_args.index("--accelerate_config")
-            if index + 1 >= len(launch_args):
-                raise SystemExit("Expected a value after --accelerate_config.")
-            config_file = resolve_accelerate_config(launch_args[index + 1])
-            launch_args = ["--config_file", config_file, *launch_args[:index], *launch_args[index + 2 :]]
         script_args = _subtract_subsequence(rest, cli_remaining)
         if defense is not None:
             script_args = ["--defense", defense, *script_args]
@@ -208,8 +276,14 @@ def run(argv: list[str], prog: str = "trl-safety sft", command: str | None = "sf
     return 0
 
 
-if __name__ == "__main__":  # entry point under `accelerate launch`
-    defense, rest = _pop_defense(sys.argv[1:])
-    parser = make_parser(_config_class(defense, None))
-    parsed = parser.parse_args_and_config(rest)
+def _launched(argv: list[str], prog: str, command: str | None) -> int:
+    """What each process started by `accelerate launch` runs."""
+    defense, _, parsed = parse_training_arguments(argv, None, prog)
     main(*parsed, defense=defense)
+    return 0
+
+
+if __name__ == "__main__":  # entry point under `accelerate launch`
+    from trl_safety.cli.main import run_command
+
+    sys.exit(run_command(_launched, sys.argv[1:], prog="trl-safety", command=None))

@@ -29,17 +29,50 @@ def get_dataset_adapter(dataset_id: str) -> Callable[..., Dataset] | None:
     return _ADAPTERS.get(dataset_id)
 
 
-def load_named_dataset(name: str, config: str | None = None, split: str | None = "train") -> Dataset | DatasetDict:
-    """Load a dataset from a local file or folder, or from the Hub by id.
+def looks_like_local_path(name: str) -> bool:
+    """Whether a dataset name can only mean a local file or folder, never a Hub id.
 
-    Local files are read by extension (`.json`, `.jsonl`, `.csv`, `.parquet`, `.arrow`); a folder written by
-    `Dataset.save_to_disk` is loaded from disk, any other folder with `datasets.load_dataset`. Without network access
-    a Hub id fails with an error saying how to pass a local copy instead.
+    True when it starts with `./`, `../`, `/` or `~` (or is otherwise absolute), or ends with a supported local file
+    extension (`.json`, `.jsonl`, `.csv`, `.parquet`, `.arrow`): Hub dataset ids (`owner/name`) do neither.
+    """
+    prefixes = ("./", "../", "/", "~", "." + os.sep, ".." + os.sep)
+    if name.startswith(prefixes) or os.path.isabs(name):
+        return True
+    return os.path.splitext(name)[1].lower() in _LOCAL_FORMATS
+
+
+def check_local_dataset(name: str) -> None:
+    """Raise if `name` names a local dataset that cannot be read; a Hub id (or an existing folder) passes.
+
+    `FileNotFoundError` when `name` looks like a local path (`looks_like_local_path`) but does not exist, `ValueError`
+    when it is an existing file in a format that cannot be read. Cheap: only looks at the file system.
     """
     if os.path.isfile(name):
         extension = os.path.splitext(name)[1].lower()
         if extension not in _LOCAL_FORMATS:
             raise ValueError(f"Cannot read {name!r}: supported local formats are {sorted(_LOCAL_FORMATS)}.")
+        return
+    if os.path.isdir(name) or not looks_like_local_path(name):
+        return
+    raise FileNotFoundError(
+        f"dataset path {name!r} does not exist (looked for {os.path.abspath(name)}); pass an existing file "
+        f"({', '.join(sorted(_LOCAL_FORMATS))}) or folder, or a Hub dataset id (owner/name); a name like this one "
+        "is read as a local path, not looked up on the Hub."
+    )
+
+
+def load_named_dataset(name: str, config: str | None = None, split: str | None = "train") -> Dataset | DatasetDict:
+    """Load a dataset from a local file or folder, or from the Hub by id.
+
+    Local files are read by extension (`.json`, `.jsonl`, `.csv`, `.parquet`, `.arrow`); a folder written by
+    `Dataset.save_to_disk` is loaded from disk, any other folder with `datasets.load_dataset`. A name that looks like
+    a local path (`looks_like_local_path`: `./`, `../`, `/`, `~`, or a local file extension) but does not exist
+    raises `FileNotFoundError`; it is not looked up on the Hub. Without network access a Hub id fails with an error
+    saying how to pass a local copy instead.
+    """
+    check_local_dataset(name)
+    if os.path.isfile(name):
+        extension = os.path.splitext(name)[1].lower()
         loaded = datasets.load_dataset(_LOCAL_FORMATS[extension], data_files=name, split="train")
         return loaded
     if os.path.isdir(name):

@@ -497,3 +497,64 @@ def load_judge(name_or_path: str | Judge, **kwargs) -> Judge:
     if key.lower() in _JUDGE_ALIASES or key == BEAVER_DAM_ID:
         return BeaverDamJudge(kwargs.pop("model", BEAVER_DAM_ID), **kwargs)
     return ClassifierJudge(key, **kwargs)
+
+
+# Short judge names `load_judge` understands (besides `beaver-dam:<path>` and classifier folders / Hub ids)
+JUDGE_NAMES = ("beaver-dam", "keyword")
+
+
+def _judge_path_like(name: str) -> bool:
+    """A judge name that can only be a local folder: `./x`, `/x`, `~/x`, `x/`, `a/b/c`, or with a backslash."""
+    import os
+
+    if name.startswith((".", "/", "~")) or os.path.isabs(name) or name.endswith(("/", os.sep)):
+        return True
+    return "\\" in name or (os.sep != "/" and os.sep in name) or name.count("/") > 1
+
+
+def resolve_judge(name_or_path: str) -> tuple[type[Judge], str | None]:
+    """Check a judge name up front, loading nothing: the [`Judge`] class `load_judge(name_or_path)` builds and the
+    checkpoint it would load (`None` for the keyword judge).
+
+    Raises `ValueError` for an unknown short name (a bare word that is neither `keyword` nor a beaver-dam alias nor a
+    model in the local Hugging Face cache; a classifier on the Hub is named `owner/name`) and `FileNotFoundError` for
+    a path (`./x`, `/x`, `~/x`, `a/b/c`, `beaver-dam:./x`) that does not exist. A well-formed `owner/name` Hub id is
+    accepted as it is (whether it downloads is not checked here).
+    """
+    import os
+
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"Judge must be a non-empty string, got {name_or_path!r}.")
+    key = name_or_path.strip()
+    available = (
+        "available: beaver-dam (also beaver-dam-7b, PKU-Alignment/beaver-dam-7b), keyword, beaver-dam:PATH (a local "
+        "copy of beaver-dam), or a sequence classifier's local folder or Hub id (owner/name)"
+    )
+    if key.lower() == "keyword":
+        return KeywordJudge, None
+    if key.lower().startswith("beaver-dam:"):
+        path = key.split(":", 1)[1]
+        if not path:
+            raise ValueError(f"judge {key!r} names no checkpoint; write beaver-dam:PATH.")
+        if not os.path.exists(path) and _judge_path_like(path):
+            raise FileNotFoundError(
+                f"judge checkpoint {path!r} (from {key!r}) does not exist; pass an existing folder."
+            )
+        return BeaverDamJudge, path
+    if key.lower() in _JUDGE_ALIASES or key == BEAVER_DAM_ID:
+        return BeaverDamJudge, BEAVER_DAM_ID
+    if os.path.exists(key):
+        return ClassifierJudge, key
+    if _judge_path_like(key):
+        raise FileNotFoundError(f"judge folder {key!r} does not exist; {available}.")
+    if "/" in key:
+        return ClassifierJudge, key
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(key, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        cached = False
+    if cached:  # a legacy one-word Hub id already downloaded
+        return ClassifierJudge, key
+    raise ValueError(f"unknown judge {key!r}; {available}.")
