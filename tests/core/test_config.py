@@ -52,7 +52,7 @@ def test_defense_fields_and_range_errors(tmp_path):
         "harmful_num_samples",
         "toy_rho",
     ]
-    with pytest.raises(ValueError, match=r"`toy_rho` must be in \[0.0, inf\], got -1.0"):
+    with pytest.raises(ValueError, match=r"`toy_rho` must be a finite number in \[0.0, inf\), got -1.0"):
         ToyDefenseConfig(output_dir=str(tmp_path), bf16=False, toy_rho=-1.0)
 
 

@@ -3,6 +3,10 @@
 Nothing here matches class names: layers are found through `get_decoder().layers` (or the `base_model_prefix`
 backbone), attention through an attribute name (`self_attn` by default), and other modules through a PEFT-style
 `target_modules` pattern. Every function accepts the bare model, a `PeftModel`, or a DDP/DeepSpeed wrapper.
+
+A defense trainer records its config's `layers_path` / `attention_attr` on the model at construction
+([`set_layer_overrides`]), so every later lookup on that model (probe passes, checkpointing workarounds, callbacks)
+uses the same override without each caller passing it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,35 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+_LAYERS_PATH = "_trl_safety_layers_path"
+_ATTENTION_ATTR = "_trl_safety_attention_attr"
+DEFAULT_ATTENTION_ATTR = "self_attn"
+
+
+def set_layer_overrides(model: nn.Module, layers_path: str | None = None, attention_attr: str | None = None) -> None:
+    """Record the layer-list path and attention attribute to use for every later lookup on `model`.
+
+    `None` clears an override (back to the structural lookup and `self_attn`).
+    """
+    base = unwrap_model(model)
+    for attribute, value in ((_LAYERS_PATH, layers_path), (_ATTENTION_ATTR, attention_attr)):
+        if value is None:
+            base.__dict__.pop(attribute, None)
+        else:
+            base.__dict__[attribute] = value
+
+
+def check_decoder_only(model: nn.Module, who: str) -> None:
+    """Refuse encoder-decoder models (`config.is_encoder_decoder`): the defenses run on decoder-only causal LMs."""
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{who} got an encoder-decoder model ({type(base).__name__}); only decoder-only causal LMs "
+            "(`AutoModelForCausalLM`: Llama, Qwen2, Mistral, GPT-2, ...) are supported."
+        )
+
+
 def _resolve_path(root: nn.Module, path: str) -> object:
     obj = root
     for part in path.split("."):
@@ -48,9 +81,12 @@ def get_decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.M
     Args:
         model: the model, possibly wrapped by PEFT or a distributed engine.
         layers_path: optional dotted path from the unwrapped model to the layer list (e.g. `"transformer.h"`),
-            for custom models whose layers cannot be found structurally.
+            for custom models whose layers cannot be found structurally. Defaults to the path recorded on the model
+            by [`set_layer_overrides`], if any.
     """
     base = unwrap_model(model)
+    if layers_path is None:
+        layers_path = base.__dict__.get(_LAYERS_PATH)
     if layers_path is not None:
         try:
             layers = _resolve_path(base, layers_path)
@@ -86,9 +122,14 @@ def get_decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.M
 
 
 def get_attention_modules(
-    model: nn.Module, attention_attr: str = "self_attn", layers_path: str | None = None
+    model: nn.Module, attention_attr: str | None = None, layers_path: str | None = None
 ) -> list[nn.Module]:
-    """Return the attention module of every decoder layer (`layer.<attention_attr>`)."""
+    """Return the attention module of every decoder layer (`layer.<attention_attr>`).
+
+    `attention_attr` defaults to the one recorded on the model by [`set_layer_overrides`], else `"self_attn"`.
+    """
+    if attention_attr is None:
+        attention_attr = unwrap_model(model).__dict__.get(_ATTENTION_ATTR, DEFAULT_ATTENTION_ATTR)
     layers = get_decoder_layers(model, layers_path)
     modules = []
     for index, layer in enumerate(layers):

@@ -4,6 +4,10 @@
 - accepts `alignment_dataset=` / `harmful_dataset=` or loads them from the config's `*_dataset_name` fields, then
   prepares them with TRL's own dataset preparation;
 - refuses backends the defense cannot run on, before training;
+- refuses bad input at construction, by rules shared by every defense: another defense's config, defense fields
+  out of range (`core.config`), `<role>_*` fields that cannot apply to a dataset object, `*_num_samples` larger
+  than the dataset, datasets with no token that contributes to the loss, encoder-decoder models, and models whose
+  decoder layers cannot be found (for defenses with `locates_layers`);
 - saves defense state with every checkpoint (safetensors + JSON, `core.state_io`), restores it on resume, and
   refuses checkpoints written by another defense;
 - writes `defense_config.json` beside the weights and a model card with a defense section.
@@ -11,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -21,11 +26,19 @@ from datasets import Dataset, IterableDataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
-from ..data.loading import load_role_dataset
+from ..data.loading import get_dataset_adapter, load_role_dataset
 from .batches import CyclingBatches
 from .card import DEFENSE_CONFIG_NAME, build_model_card, find_results, licence_notes_for
-from .config import defense_field_names, upgrade_config
+from .config import (
+    DefenseConfigMixin,
+    check_defense_fields,
+    defense_field_names,
+    object_dataset_num_samples,
+    select_num_samples,
+    upgrade_config,
+)
 from .distributed import backend_name
+from .layers import check_decoder_only, get_attention_modules, get_decoder_layers, set_layer_overrides
 from .state_io import STATE_JSON_NAME, has_defense_state, load_defense_state, save_defense_state
 
 
@@ -52,6 +65,151 @@ def check_trl_format(dataset, role: str, text_field: str = "text") -> None:
         raise ValueError(f"The {role} dataset has columns {sorted(columns)}. {_TRL_FORMAT_HINT}")
 
 
+def load_named_role_dataset(config, role: str, name: str):
+    """Load the `<role>` dataset named `name` with the config's `<role>_dataset_config/_split/_num_samples`.
+
+    `<role>_num_samples` larger than the dataset is refused naming the field. For a Hub id with a registered adapter
+    the adapter selects the rows (its options may add an offset); otherwise the first rows are taken here.
+    """
+    dataset_config = getattr(config, f"{role}_dataset_config", None)
+    split = getattr(config, f"{role}_dataset_split", "train")
+    num_samples = getattr(config, f"{role}_num_samples", None)
+    if get_dataset_adapter(name) is None:
+        dataset = load_role_dataset(role, name, config=dataset_config, split=split, num_samples=None)
+        return select_num_samples(dataset, role, num_samples, source=name)
+    try:
+        return load_role_dataset(role, name, config=dataset_config, split=split, num_samples=num_samples)
+    except ValueError as exc:
+        if num_samples is None:
+            raise
+        error = exc
+    # Did `num_samples` cause it? Then say which field fixes it (the adapter's own message does not)
+    try:
+        full = load_role_dataset(role, name, config=dataset_config, split=split, num_samples=None)
+    except Exception:
+        raise error from None
+    select_num_samples(full, role, num_samples, source=name)
+    raise error
+
+
+def _has_loss_token(labels, seq_lengths=None) -> bool:
+    """Whether a prepared row has a label the causal-LM loss uses (labels are shifted: a sequence's first is not)."""
+    labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
+    starts = {0}
+    if seq_lengths is not None:  # packed row: every packed sequence's first token is masked by the collator
+        seq_lengths = seq_lengths.tolist() if hasattr(seq_lengths, "tolist") else list(seq_lengths)
+        position = 0
+        for length in seq_lengths:
+            starts.add(position)
+            position += int(length)
+    return any(label != -100 for index, label in enumerate(labels) if index not in starts)
+
+
+def has_trainable_token(dataset) -> bool | None:
+    """Whether some row of a prepared dataset has a token that contributes to the loss.
+
+    Reads `labels` (built by TRL's preparation from `completion_mask` / `assistant_masks` and truncated to
+    `max_length`), or `input_ids` when there are no labels (TRL's collator then trains on every token). Stops at the
+    first such row, so it is cheap on real data. `None` when it cannot tell (an `IterableDataset`, or raw rows left
+    for a custom collator).
+    """
+    if not isinstance(dataset, Dataset):
+        return None
+    columns = dataset.column_names
+    column = "labels" if "labels" in columns else "input_ids" if "input_ids" in columns else None
+    if column is None:
+        return None
+    packed = "seq_lengths" in columns
+    selected = dataset.with_format(None).select_columns([column, "seq_lengths"] if packed else [column])
+    for batch in selected.iter(batch_size=256):
+        lengths = batch["seq_lengths"] if packed else [None] * len(batch[column])
+        if any(_has_loss_token(labels, seq) for labels, seq in zip(batch[column], lengths)):
+            return True
+    return False
+
+
+def check_trainable_tokens(trainer, dataset, role: str, raw=None, formatting_func=None) -> None:
+    """Refuse a prepared `<role>` dataset in which no token contributes to the loss, naming the field that fixes it.
+
+    `raw` (the dataset before preparation) lets the error say whether truncation to `max_length` is the cause: a few
+    raw rows are prepared again without truncation.
+    """
+    if has_trainable_token(dataset) is not False:
+        return
+    args = trainer.args
+    rows = len(dataset)
+    truncation = None
+    if args.max_length is not None and isinstance(raw, Dataset) and len(raw) > 0:
+        probe_args = copy.copy(args)
+        probe_args.max_length = None
+        probe_args.shuffle_dataset = False
+        probe_args.dataset_num_proc = None
+        try:
+            sample = raw.select(range(min(16, len(raw))))
+            untruncated = trainer._prepare_dataset(
+                sample, trainer.processing_class, probe_args, False, formatting_func, f"{role} check (trl_safety)"
+            )
+            truncation = bool(has_trainable_token(untruncated))
+        except Exception:  # the diagnosis is best effort; the error below stands either way
+            truncation = None
+    fixes = []
+    if args.max_length is not None and truncation is not False:
+        fixes.append(
+            f"truncation to `max_length`={args.max_length} (truncation_mode={args.truncation_mode!r}) "
+            + ("removes every trainable token" if truncation else "may remove every trainable token")
+            + ": increase `max_length`, set `truncation_mode='keep_end'`, or shorten the prompts"
+        )
+    raw_columns = set(raw.column_names) if isinstance(raw, Dataset) else set()
+    if truncation is not True:
+        if "labels" in raw_columns:  # TRL uses a dataset's own labels as they are
+            fixes.append("the dataset's own `labels` column is -100 on every token the loss uses: fix those labels")
+        else:
+            if getattr(trainer, "completion_only_loss", False) and raw_columns & {"completion", "completion_mask"}:
+                fixes.append(
+                    "`completion_only_loss` trains on completion tokens only and none is left: give non-empty "
+                    "completions or set `completion_only_loss=False`"
+                )
+            if args.assistant_only_loss:
+                fixes.append(
+                    "`assistant_only_loss=True` trains on assistant tokens only: add assistant turns (and a chat "
+                    "template with `{% generation %}`) or set `assistant_only_loss=False`"
+                )
+        column = "input_ids" if "input_ids" in dataset.column_names else "labels"
+        if rows > 0 and all(len(ids) < 2 for ids in dataset.with_format(None)[:16][column]):
+            fixes.append("sequences need at least 2 tokens (the first token is never a target)")
+    left = "no row is left" if rows == 0 else f"all {rows} rows are fully masked"
+    raise ValueError(
+        f"The {role} dataset has no token that contributes to the loss after TRL's preparation ({left}): "
+        f"{type(trainer).__name__} would get a zero loss from it. Possible causes and fixes: "
+        + ("; ".join(fixes) or "check how its rows are masked")
+        + "."
+    )
+
+
+def _registered_defense_of(config) -> str | None:
+    from ..registry import list_defenses
+
+    for spec in list_defenses():
+        if type(config) is spec.config_class:
+            return spec.name
+    for spec in list_defenses():
+        if isinstance(config, spec.config_class):
+            return spec.name
+    return None
+
+
+def check_config_class(trainer_class: type, config_class: type, args) -> None:
+    """Refuse another defense's config: it would be upgraded silently, its fields read as this defense's."""
+    if isinstance(args, config_class) or not isinstance(args, DefenseConfigMixin):
+        return
+    defense = _registered_defense_of(args)
+    owner = f" (defense {defense!r})" if defense else " (another defense's config)"
+    raise TypeError(
+        f"{trainer_class.__name__} got a {type(args).__name__}{owner}; pass a {config_class.__name__} or a plain "
+        "SFTConfig."
+    )
+
+
 class DefenseTrainerMixin:
     """Mixin placed before `SFTTrainer` in every defense trainer's bases.
 
@@ -68,6 +226,10 @@ class DefenseTrainerMixin:
     unsupported_backends: ClassVar[dict[str, str]] = {}
     # FSDP cannot be exercised without GPUs; a defense opts in once it has been verified there
     fsdp_verified: ClassVar[bool] = False
+    # The defense looks up the decoder layers (hooks, layer selection, or the reentrant-checkpointing workaround of
+    # its probe passes): they are located at construction, with the config's `layers_path` (and `attention_attr`)
+    # recorded on the model for every later lookup. Its config must have a `layers_path` field.
+    locates_layers: ClassVar[bool] = False
     _name: ClassVar[str] = "SFT"
     _paper: ClassVar[dict] = {}
     _tag_names: ClassVar[list[str]] = ["trl", "sft", "trl-safety"]
@@ -87,7 +249,11 @@ class DefenseTrainerMixin:
             model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
             args = self.config_class(output_dir=f"{str(model_name).split('/')[-1]}-{self.defense_name}")
         elif not isinstance(args, self.config_class):
+            check_config_class(type(self), self.config_class, args)
             args = upgrade_config(args, self.config_class)
+        check_defense_fields(args, warn_no_effect=False)  # again: it may have been changed since it was built
+        if not isinstance(model, str):
+            check_decoder_only(model, type(self).__name__)
 
         # Load the raw extra datasets before the (slow) SFTTrainer set-up, so a missing dataset fails first
         given = {"alignment": alignment_dataset, "harmful": harmful_dataset}
@@ -100,8 +266,11 @@ class DefenseTrainerMixin:
         self._dataset_sources: dict[str, str] = {}
         raw = {role: self._load_extra_dataset(role, given[role], args) for role in self.extra_datasets}
 
+        raw_train = positional[1] if len(positional) > 1 else kwargs.get("train_dataset")
+
         super().__init__(model, args, *positional, **kwargs)
 
+        check_decoder_only(self.model, type(self).__name__)
         backend = backend_name(self.accelerator)
         refused = self.refused_backends()
         if backend in refused:
@@ -109,19 +278,45 @@ class DefenseTrainerMixin:
                 f"{type(self).__name__} cannot run under {backend}: {refused[backend]} "
                 f"Supported backends: {', '.join(self.supported_backends())}."
             )
+        if self.train_dataset is not None:
+            formatting_func = getattr(self, "_formatting_func", None)
+            check_trainable_tokens(self, self.train_dataset, "train", raw_train, formatting_func)
         for role, dataset in raw.items():
             prepared = self._prepare_dataset(
                 dataset, self.processing_class, self.args, False, None, f"{role} (trl_safety)"
             )
-            if len(prepared) == 0:
-                raise ValueError(f"The {role} dataset is empty after tokenization and truncation to max_length.")
+            check_trainable_tokens(self, prepared, role, dataset)
             setattr(self, f"{role}_dataset", prepared)
+        if self.locates_layers:
+            self._locate_layers()
         self._pending_defense_state: dict | None = None
         self.setup_defense()
 
     # ----------------------------------------------------------------------------------------------- extension points
     def setup_defense(self) -> None:
         """Create the defense's state (samplers, snapshots, loaders). Called at the end of `__init__`."""
+
+    def uses_attention_modules(self) -> bool:
+        """Whether the defense, as configured, hooks each layer's `<attention_attr>` submodule (checked at
+        construction when `locates_layers`)."""
+        return False
+
+    def _locate_layers(self) -> None:
+        """Find the decoder layers (and attention modules) now, so a model the defense cannot run on is refused at
+        construction with the config field that fixes it; record the overrides for every later lookup."""
+        name = type(self).__name__
+        if not hasattr(self.args, "layers_path"):
+            raise TypeError(
+                f"{name} sets `locates_layers` but {type(self.args).__name__} has no `layers_path` field; add "
+                "`core.config.DecoderLayersArguments` to its bases."
+            )
+        set_layer_overrides(self.model, self.args.layers_path, getattr(self.args, "attention_attr", None))
+        try:
+            get_decoder_layers(self.model)
+            if self.uses_attention_modules():
+                get_attention_modules(self.model)
+        except ValueError as exc:
+            raise ValueError(f"{name} cannot run on this model: {exc}") from None
 
     def defense_state_dict(self) -> dict[str, Any]:
         """State to save with checkpoints so a resumed run continues exactly."""
@@ -167,6 +362,7 @@ class DefenseTrainerMixin:
         )
 
     def _load_extra_dataset(self, role: str, dataset, args) -> Dataset:
+        """Load `<role>` by name, or take the object, applying `<role>_num_samples` either way (first rows)."""
         if dataset is None:
             name = getattr(args, f"{role}_dataset_name", None)
             if name is None:
@@ -174,16 +370,15 @@ class DefenseTrainerMixin:
                     f"{type(self).__name__} needs a {role} dataset: pass `{role}_dataset=` to the trainer or set "
                     f"`{role}_dataset_name` in the config (a Hub id or a local file/folder)."
                 )
-            dataset = load_role_dataset(
-                role,
-                name,
-                config=getattr(args, f"{role}_dataset_config", None),
-                split=getattr(args, f"{role}_dataset_split", "train"),
-                num_samples=getattr(args, f"{role}_num_samples", None),
-            )
+            dataset = load_named_role_dataset(args, role, name)
             self._dataset_sources[role] = name
         else:
-            self._dataset_sources[role] = f"passed as a dataset object ({len(dataset)} rows)"
+            check_trl_format(dataset, role, args.dataset_text_field)
+            rows = len(dataset)
+            num_samples = object_dataset_num_samples(args, role, rows, type(self).__name__)
+            dataset = select_num_samples(dataset, role, num_samples)
+            selected = "" if num_samples is None else f", the first {num_samples} of {rows}"
+            self._dataset_sources[role] = f"passed as a dataset object ({len(dataset)} rows{selected})"
         check_trl_format(dataset, role, args.dataset_text_field)
         return dataset
 

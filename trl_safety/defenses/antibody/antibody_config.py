@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import SFTConfig
 
-from ...core.config import check_range
+from ...core.config import DefenseConfigMixin, Range
 
 
 @dataclass
-class AntibodyConfig(SFTConfig):
+class AntibodyConfig(DefenseConfigMixin, SFTConfig):
     r"""
     Configuration class for the [`AntibodyTrainer`].
 
@@ -38,6 +39,9 @@ class AntibodyConfig(SFTConfig):
             weight share of harmful samples (`harmful_weight_share`), as in the official code.
     """
 
+    # inf is documented: uniform weights, i.e. plain SFT
+    ranges: ClassVar[dict[str, Range]] = {"temperature": Range(0.0, low_inclusive=False, allow_inf=True)}
+
     temperature: float = field(
         default=1.0,
         metadata={"help": "Softmax temperature tau of the per-sample weights. inf gives uniform weights (plain SFT)."},
@@ -52,7 +56,3 @@ class AntibodyConfig(SFTConfig):
         default="is_harmful",
         metadata={"help": "Optional boolean column flagging harmful samples, used only to log their weight share."},
     )
-
-    def __post_init__(self):
-        check_range(self, "temperature", 0.0, low_inclusive=False)
-        super().__post_init__()

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import SFTConfig
 
-from ...core.config import HarmfulDataArguments, check_range
+from ...core.config import DecoderLayersArguments, DefenseConfigMixin, EffectiveIf, HarmfulDataArguments, Range
+
+
+# η_λ and the EMA momentum only shape the adaptive λ
+_ADAPTIVE = EffectiveIf("fixed_lambda=None (the adaptive λ)", lambda c: c.fixed_lambda is None, {"fixed_lambda": 1.0})
 
 
 @dataclass
-class AntibodyAlignConfig(HarmfulDataArguments, SFTConfig):
+class AntibodyAlignConfig(DefenseConfigMixin, DecoderLayersArguments, HarmfulDataArguments, SFTConfig):
     r"""
     Configuration class for the [`AntibodyAlignTrainer`] (Antibody, alignment stage).
 
@@ -41,7 +46,23 @@ class AntibodyAlignConfig(HarmfulDataArguments, SFTConfig):
     harmful_dataset_name (`str` or `None`, *optional*, defaults to `None`):
         Harmful dataset (harmful prompt → harmful answer, with a prompt: `prompt`/`completion` or `messages`). Its
         refusal view pairs each prompt with a generic refusal from the shipped pool, assigned round-robin.
+
+    > Parameters that locate the model's layers
+
+    layers_path (`str` or `None`, *optional*, defaults to `None`):
+        Dotted path from the model to its decoder-layer list (e.g. `"transformer.h"`), when it cannot be found
+        structurally (the layers are needed to run the probe passes under reentrant checkpointing).
     """
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "alpha": Range(0.0),
+        "eta_lbd": Range(0.0),
+        "ema_momentum": Range(0.0, 1.0),
+        "lambda2": Range(0.0),
+        "fixed_lambda": Range(0.0),
+        "harmful_batch_size": Range(1),
+    }
+    effective_if: ClassVar[dict[str, EffectiveIf]] = {"eta_lbd": _ADAPTIVE, "ema_momentum": _ADAPTIVE}
 
     alpha: float = field(default=0.1, metadata={"help": "Radius α of the simulated, normalised harmful step."})
     eta_lbd: float = field(default=5.0, metadata={"help": "Offset η_λ of the adaptive λ: max(0, eta_lbd − cos)."})
@@ -57,12 +78,3 @@ class AntibodyAlignConfig(HarmfulDataArguments, SFTConfig):
         default=None,
         metadata={"help": "Per-device batch size of the harmful batches (default: per_device_train_batch_size)."},
     )
-
-    def __post_init__(self):
-        check_range(self, "alpha", 0.0)
-        check_range(self, "eta_lbd", 0.0)
-        check_range(self, "ema_momentum", 0.0, 1.0)
-        check_range(self, "lambda2", 0.0)
-        check_range(self, "fixed_lambda", 0.0)
-        check_range(self, "harmful_batch_size", 1)
-        super().__post_init__()

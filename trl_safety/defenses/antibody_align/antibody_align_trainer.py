@@ -56,6 +56,7 @@ class AntibodyAlignTrainer(DefenseTrainerMixin, SFTTrainer):
     config_class = AntibodyAlignConfig
     extra_datasets = ("harmful",)
     unsupported_backends = {"zero3": ZERO3_REASON}
+    locates_layers = True
     _name = "Antibody"
     _tag_names = ["trl", "sft", "trl-safety", "antibody-align"]
     _paper = {

@@ -3,15 +3,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...core.config import HarmfulDataArguments, check_range
+from ...core.config import DefenseConfigMixin, EffectiveIf, HarmfulDataArguments, Range
 
 
 ANTIDOTE_VARIANTS = ("wanda", "magnitude", "random")
 ANTIDOTE_PRUNE_TARGETS = ("auto", "adapter", "weights")
 
 
+_WANDA = EffectiveIf(
+    "variant='wanda' (the only one that reads harmful data)", lambda c: c.variant == "wanda", {"variant": "magnitude"}
+)
+
+
 @dataclass
-class AntidoteConfig(HarmfulDataArguments):
+class AntidoteConfig(DefenseConfigMixin, HarmfulDataArguments):
     r"""
     Configuration of [`antidote_prune`] and [`AntidoteCallback`]: one-shot pruning of the weights most important for
     producing harmful answers, run after fine-tuning.
@@ -41,7 +46,7 @@ class AntidoteConfig(HarmfulDataArguments):
             `"magnitude"` (|W| alone, the official `sample_num=0` variant, needs no data) or `"random"` (a seeded
             random α fraction per row, the `random_prune` ablation).
         seed (`int`, *optional*, defaults to `42`):
-            Seed of the `"random"` variant.
+            Seed of the `"random"` variant (an integer ≥ 0).
 
         > Parameters that control its data
 
@@ -63,6 +68,20 @@ class AntidoteConfig(HarmfulDataArguments):
         harmful_num_samples (`int`, *optional*):
             Number of harmful samples used for calibration (the first ones; all when unset).
     """
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "prune_ratio": Range(0.0, 1.0),
+        "seed": Range(0),
+        "calibration_batch_size": Range(1),
+        "max_length": Range(1),
+    }
+    effective_if: ClassVar[dict[str, EffectiveIf]] = {
+        "seed": EffectiveIf("variant='random'", lambda c: c.variant == "random", {"variant": "wanda"}),
+        "calibration_batch_size": _WANDA,
+        "max_length": _WANDA,
+        "harmful_dataset_name": _WANDA,
+        "harmful_num_samples": _WANDA,
+    }
 
     _name: ClassVar[str] = "Antidote"
     _paper: ClassVar[dict] = {
@@ -106,7 +125,7 @@ class AntidoteConfig(HarmfulDataArguments):
             "choices": list(ANTIDOTE_VARIANTS),
         },
     )
-    seed: int = field(default=42, metadata={"help": "Seed of the 'random' variant."})
+    seed: int = field(default=42, metadata={"help": "Seed of the 'random' variant (an integer >= 0)."})
     calibration_batch_size: int = field(
         default=1,
         metadata={"help": "Harmful samples per calibration forward (1 in the official code; padding is excluded)."},
@@ -120,10 +139,6 @@ class AntidoteConfig(HarmfulDataArguments):
     )
 
     def __post_init__(self):
-        check_range(self, "prune_ratio", 0.0, 1.0)
-        check_range(self, "calibration_batch_size", 1)
-        check_range(self, "max_length", 1)
-        check_range(self, "harmful_num_samples", 1)
         if self.variant not in ANTIDOTE_VARIANTS:
             raise ValueError(f"`variant` must be one of {ANTIDOTE_VARIANTS}, got {self.variant!r}.")
         if self.prune_target not in ANTIDOTE_PRUNE_TARGETS:
@@ -132,3 +147,4 @@ class AntidoteConfig(HarmfulDataArguments):
             raise ValueError("`target_modules` must name at least one module (e.g. ['q_proj', 'k_proj', 'v_proj']).")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        super().__post_init__()

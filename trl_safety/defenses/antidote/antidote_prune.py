@@ -25,8 +25,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ...core.config import check_defense_fields
 from ...core.distributed import gathered
-from ...core.layers import find_modules, unwrap_model
+from ...core.layers import check_decoder_only, find_modules, unwrap_model
 from .antidote_config import AntidoteConfig
 
 
@@ -272,8 +273,9 @@ def _is_main_process() -> bool:
 
 
 def _load_harmful_dataset(harmful_dataset, config: AntidoteConfig):
-    from ...core.trainer import check_trl_format
-    from ...data.loading import load_role_dataset
+    """The calibration set, by name or as an object; `harmful_num_samples` selects the first rows of either."""
+    from ...core.config import object_dataset_num_samples, select_num_samples
+    from ...core.trainer import check_trl_format, load_named_role_dataset
 
     if harmful_dataset is None:
         if config.harmful_dataset_name is None:
@@ -282,15 +284,11 @@ def _load_harmful_dataset(harmful_dataset, config: AntidoteConfig):
                 "`harmful_dataset_name` (a Hub id or a local file/folder). Without data, use "
                 "`variant='magnitude'` (|W| only)."
             )
-        harmful_dataset = load_role_dataset(
-            "harmful",
-            config.harmful_dataset_name,
-            config=config.harmful_dataset_config,
-            split=config.harmful_dataset_split,
-            num_samples=config.harmful_num_samples,
-        )
-    elif config.harmful_num_samples is not None and config.harmful_num_samples < len(harmful_dataset):
-        harmful_dataset = harmful_dataset.select(range(config.harmful_num_samples))
+        harmful_dataset = load_named_role_dataset(config, "harmful", config.harmful_dataset_name)
+    else:
+        check_trl_format(harmful_dataset, "harmful", config.dataset_text_field)
+        num_samples = object_dataset_num_samples(config, "harmful", len(harmful_dataset), "antidote_prune")
+        harmful_dataset = select_num_samples(harmful_dataset, "harmful", num_samples)
     check_trl_format(harmful_dataset, "harmful", config.dataset_text_field)
     return harmful_dataset
 
@@ -318,6 +316,9 @@ def antidote_prune(
         output_dir: where to write the mask statistics (`antidote_mask_stats.json`); nothing is written when None.
     """
     config = config or AntidoteConfig()
+    check_defense_fields(config, warn_no_effect=False)  # again: it may have been changed since it was built
+    if config.variant == "wanda":  # its calibration pass is a causal-LM forward
+        check_decoder_only(model, "antidote_prune")
     mode, targets = find_antidote_targets(model, config)
     ratio = float(config.prune_ratio)
 

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import SFTConfig
 
-from ...core.config import HarmfulDataArguments, check_range
+from ...core.config import AttentionModulesArguments, DefenseConfigMixin, EffectiveIf, HarmfulDataArguments, Range
+
+
+_PERTURB_AWARE = EffectiveIf("perturb_aware=True", lambda c: c.perturb_aware, {"perturb_aware": False})
+_HARMFUL_STEP = EffectiveIf("lamb > 0 (lamb=0 skips the harmful passes)", lambda c: c.lamb != 0, {"lamb": 0.0})
 
 
 @dataclass
-class BoosterConfig(HarmfulDataArguments, SFTConfig):
+class BoosterConfig(DefenseConfigMixin, AttentionModulesArguments, HarmfulDataArguments, SFTConfig):
     r"""
     Configuration class for the [`BoosterTrainer`].
 
@@ -38,7 +43,30 @@ class BoosterConfig(HarmfulDataArguments, SFTConfig):
         Per-device batch size of the harmful batches (hard-coded to 10 in the official code).
     harmful_dataset_name (`str` or `None`, *optional*, defaults to `None`):
         Harmful dataset (harmful prompt → harmful answer) used when the trainer is not given `harmful_dataset=`.
+
+    > Parameters that locate the model's layers
+
+    layers_path (`str` or `None`, *optional*, defaults to `None`):
+        Dotted path from the model to its decoder-layer list (e.g. `"transformer.h"`), when it cannot be found
+        structurally (the layers are needed for `perturb_aware` and to run the probe passes under reentrant
+        checkpointing).
+    attention_attr (`str`, *optional*, defaults to `"self_attn"`):
+        Name of the attention submodule of a decoder layer (perturbed when `perturb_aware=True`).
     """
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "lamb": Range(0.0),
+        "alpha": Range(0.0),
+        "rho": Range(0.0),
+        "harmful_batch_size": Range(1),
+    }
+    effective_if: ClassVar[dict[str, EffectiveIf]] = {
+        "rho": _PERTURB_AWARE,
+        "attention_attr": _PERTURB_AWARE,
+        "alpha": _HARMFUL_STEP,
+        "all_reduce_harmful_grad": _HARMFUL_STEP,
+        "harmful_batch_size": _HARMFUL_STEP,
+    }
 
     lamb: float = field(
         default=5.0,
@@ -60,10 +88,3 @@ class BoosterConfig(HarmfulDataArguments, SFTConfig):
         },
     )
     harmful_batch_size: int = field(default=10, metadata={"help": "Per-device batch size of the harmful batches."})
-
-    def __post_init__(self):
-        check_range(self, "lamb", 0.0)
-        check_range(self, "alpha", 0.0)
-        check_range(self, "rho", 0.0)
-        check_range(self, "harmful_batch_size", 1)
-        super().__post_init__()

@@ -50,6 +50,7 @@ class BoosterTrainer(PendingGradientMixin, DefenseTrainerMixin, SFTTrainer):
     config_class = BoosterConfig
     extra_datasets = ("harmful",)
     unsupported_backends = {"zero3": ZERO3_REASON}
+    locates_layers = True
     _name = "Booster"
     _tag_names = ["trl", "sft", "trl-safety", "booster"]
     _paper = {
@@ -65,6 +66,9 @@ class BoosterTrainer(PendingGradientMixin, DefenseTrainerMixin, SFTTrainer):
             }"""
         ),
     }
+
+    def uses_attention_modules(self) -> bool:
+        return self.args.perturb_aware
 
     def setup_defense(self) -> None:
         self._harmful_batches = self.cycling_batches("harmful", self.args.harmful_batch_size)

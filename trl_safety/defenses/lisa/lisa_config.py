@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import SFTConfig
 
-from ...core.config import AlignmentDataArguments, check_range
+from ...core.config import AlignmentDataArguments, DefenseConfigMixin, EffectiveIf, Range
 
 
 @dataclass
-class LisaConfig(AlignmentDataArguments, SFTConfig):
+class LisaConfig(DefenseConfigMixin, AlignmentDataArguments, SFTConfig):
     r"""
     Configuration class for the [`LisaTrainer`].
 
@@ -50,6 +51,17 @@ class LisaConfig(AlignmentDataArguments, SFTConfig):
             Number of alignment samples to use (the first ones; all when unset). The paper's `guide_data_num` is 10,000.
     """
 
+    # 0 steps is documented for both states (not both at once)
+    ranges: ClassVar[dict[str, Range]] = {
+        "rho": Range(0.0),
+        "alignment_steps": Range(0),
+        "finetune_steps": Range(0),
+        "proximal_warmup_ratio": Range(0.0, 1.0),
+    }
+    effective_if: ClassVar[dict[str, EffectiveIf]] = {
+        "proximal_warmup_ratio": EffectiveIf("rho > 0 (the proximal term)", lambda c: c.rho != 0, {"rho": 0.0}),
+    }
+
     rho: float = field(
         default=1.0,
         metadata={"help": "Proximal intensity rho of the Bi-State proximal term. 0 gives BSO (no proximal term)."},
@@ -71,10 +83,6 @@ class LisaConfig(AlignmentDataArguments, SFTConfig):
     )
 
     def __post_init__(self):
-        check_range(self, "rho", 0.0)
-        check_range(self, "alignment_steps", 0)
-        check_range(self, "finetune_steps", 0)
-        check_range(self, "proximal_warmup_ratio", 0.0, 1.0)
         if self.alignment_steps == 0 and self.finetune_steps == 0:
             raise ValueError("`alignment_steps` and `finetune_steps` cannot both be 0.")
         super().__post_init__()

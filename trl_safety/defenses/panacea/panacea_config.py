@@ -1,14 +1,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import SFTConfig
 
-from ...core.config import HarmfulDataArguments, check_range
+from ...core.config import DecoderLayersArguments, DefenseConfigMixin, EffectiveIf, HarmfulDataArguments, Range
 
 
 @dataclass
-class PanaceaConfig(HarmfulDataArguments, SFTConfig):
+class PanaceaConfig(DefenseConfigMixin, DecoderLayersArguments, HarmfulDataArguments, SFTConfig):
     r"""
     Configuration class for the [`PanaceaTrainer`].
 
@@ -35,7 +36,23 @@ class PanaceaConfig(HarmfulDataArguments, SFTConfig):
         Per-device batch size of the harmful batches.
     harmful_dataset_name (`str` or `None`, *optional*, defaults to `None`):
         Harmful dataset (harmful prompt → harmful answer) used when the trainer is not given `harmful_dataset=`.
+
+    > Parameters that locate the model's layers
+
+    layers_path (`str` or `None`, *optional*, defaults to `None`):
+        Dotted path from the model to its decoder-layer list (e.g. `"transformer.h"`), when it cannot be found
+        structurally (the layers are needed to run the probe passes under reentrant checkpointing).
     """
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "rho": Range(0.0),
+        "lamb": Range(0.0),
+        "harmful_loss_clamp": Range(0.0, low_inclusive=False),
+        "harmful_batch_size": Range(1),
+    }
+    effective_if: ClassVar[dict[str, EffectiveIf]] = {
+        "harmful_loss_clamp": EffectiveIf("lamb > 0 (the harmful-loss term)", lambda c: c.lamb != 0, {"lamb": 0.0}),
+    }
 
     rho: float = field(default=1.0, metadata={"help": "Radius of the adversarial weight perturbation ε."})
     lamb: float = field(default=0.001, metadata={"help": "Weight λ of the harmful-loss increase term."})
@@ -46,10 +63,3 @@ class PanaceaConfig(HarmfulDataArguments, SFTConfig):
         default=True, metadata={"help": "Add the last ε to the trainable weights at the end of training."}
     )
     harmful_batch_size: int = field(default=10, metadata={"help": "Per-device batch size of the harmful batches."})
-
-    def __post_init__(self):
-        check_range(self, "rho", 0.0)
-        check_range(self, "lamb", 0.0)
-        check_range(self, "harmful_loss_clamp", 0.0, low_inclusive=False)
-        check_range(self, "harmful_batch_size", 1)
-        super().__post_init__()

@@ -49,6 +49,7 @@ class PanaceaTrainer(PendingGradientMixin, DefenseTrainerMixin, SFTTrainer):
     config_class = PanaceaConfig
     extra_datasets = ("harmful",)
     unsupported_backends = {"zero3": ZERO3_REASON}
+    locates_layers = True
     _name = "Panacea"
     _tag_names = ["trl", "sft", "trl-safety", "panacea"]
     _paper = {

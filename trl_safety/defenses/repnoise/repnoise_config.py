@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import SFTConfig
 
-from ...core.config import HarmfulDataArguments, check_range
+from ...core.config import DefenseConfigMixin, HarmfulDataArguments, Range
 
 
 @dataclass
-class RepNoiseConfig(HarmfulDataArguments, SFTConfig):
+class RepNoiseConfig(DefenseConfigMixin, HarmfulDataArguments, SFTConfig):
     r"""
     Configuration class for the [`RepNoiseTrainer`].
 
@@ -45,6 +46,8 @@ class RepNoiseConfig(HarmfulDataArguments, SFTConfig):
     token positions).
     """
 
+    ranges: ClassVar[dict[str, Range]] = {"alpha": Range(0.0), "beta": Range(0.0)}
+
     alpha: float = field(
         default=0.1,
         metadata={"help": "Weight alpha of the harmful-loss ascent term -alpha * log(harmful loss + 1)."},
@@ -63,8 +66,6 @@ class RepNoiseConfig(HarmfulDataArguments, SFTConfig):
     )
 
     def __post_init__(self):
-        check_range(self, "alpha", 0.0)
-        check_range(self, "beta", 0.0)
         if self.packing or self.padding_free:
             raise ValueError(
                 "RepNoise compares paired harmful and harmless sequences token by token, so `packing` and "

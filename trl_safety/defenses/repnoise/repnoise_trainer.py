@@ -120,6 +120,7 @@ class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
     }
     # The loss is a per-micro-batch mean (with a log), so Trainer divides it by the accumulation steps
     loss_is_scaled_for_ga = False
+    locates_layers = True
     _name = "RepNoise"
     _paper = {
         "title": "Representation Noising: A Defence Mechanism Against Harmful Finetuning",

@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ...core.config import check_range
+from ...core.config import DefenseConfigMixin, EffectiveIf, Range
 
 
 SAFELORA_SELECTIONS = ("number", "threshold")
@@ -11,7 +11,7 @@ SAFELORA_PROJECTIONS = ("approximate", "exact")
 
 
 @dataclass
-class SafeLoRAConfig:
+class SafeLoRAConfig(DefenseConfigMixin):
     r"""
     Configuration of [`safelora_project`] and [`SafeLoRACallback`]: project the LoRA updates of the least aligned
     layers onto the alignment subspace spanned by `W_aligned − W_base`.
@@ -45,6 +45,27 @@ class SafeLoRAConfig:
             For `projection="exact"`: singular values of V below `projection_rtol × σ_max` count as zero (they are
             rounding noise of `W_aligned − W_base`).
     """
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "num_proj_layers": Range(0),
+        "threshold": Range(-1.0, 1.0),
+        "projection_rtol": Range(0.0, 1.0, low_inclusive=False, high_inclusive=False),
+    }
+    effective_if: ClassVar[dict[str, EffectiveIf]] = {
+        "num_proj_layers": EffectiveIf(
+            "select_layers_type='number'",
+            lambda c: c.select_layers_type == "number",
+            {"select_layers_type": "threshold"},
+        ),
+        "threshold": EffectiveIf(
+            "select_layers_type='threshold'",
+            lambda c: c.select_layers_type == "threshold",
+            {"select_layers_type": "number"},
+        ),
+        "projection_rtol": EffectiveIf(
+            "projection='exact'", lambda c: c.projection == "exact", {"projection": "approximate"}
+        ),
+    }
 
     _name: ClassVar[str] = "SafeLoRA"
     _paper: ClassVar[dict] = {
@@ -96,8 +117,6 @@ class SafeLoRAConfig:
             )
         if self.projection not in SAFELORA_PROJECTIONS:
             raise ValueError(f"`projection` must be one of {SAFELORA_PROJECTIONS}, got {self.projection!r}.")
-        check_range(self, "num_proj_layers", 0)
-        check_range(self, "threshold", -1.0, 1.0)
-        check_range(self, "projection_rtol", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        super().__post_init__()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.config import check_defense_fields
 from ...core.distributed import gathered
 from ...core.layers import find_modules, unwrap_model
 from .safelora_config import SafeLoRAConfig
@@ -164,6 +165,7 @@ def safelora_project(
         output_dir: where to write the per-module similarities and selection (`safelora_stats.json`).
     """
     config = config or SafeLoRAConfig()
+    check_defense_fields(config, warn_no_effect=False)  # again: it may have been changed since it was built
     pairs = _lora_pairs(model, config)
     base_model = _load_model(base_model, "base")
     if _is_adapter_folder(aligned_model):

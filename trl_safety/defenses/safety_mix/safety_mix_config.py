@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import SFTConfig
 
-from ...core.config import AlignmentDataArguments, check_range
+from ...core.config import AlignmentDataArguments, DefenseConfigMixin, EffectiveIf, Range
 
 
 @dataclass
-class SafetyMixConfig(AlignmentDataArguments, SFTConfig):
+class SafetyMixConfig(DefenseConfigMixin, AlignmentDataArguments, SFTConfig):
     r"""
     Configuration class for the [`SafetyMixTrainer`].
 
@@ -43,6 +44,13 @@ class SafetyMixConfig(AlignmentDataArguments, SFTConfig):
             Number of alignment samples to use (the first ones; all when unset).
     """
 
+    ranges: ClassVar[dict[str, Range]] = {"safety_weight": Range(0.0), "safety_batch_size": Range(1)}
+    effective_if: ClassVar[dict[str, EffectiveIf]] = {
+        "safety_batch_size": EffectiveIf(
+            "safety_weight > 0 (0 turns the defense off)", lambda c: c.safety_weight != 0, {"safety_weight": 0.0}
+        ),
+    }
+
     safety_weight: float = field(
         default=1.0,
         metadata={
@@ -53,8 +61,3 @@ class SafetyMixConfig(AlignmentDataArguments, SFTConfig):
         default=4,
         metadata={"help": "Alignment samples per micro-batch and device (Booster's VlguardTrainer uses 4)."},
     )
-
-    def __post_init__(self):
-        check_range(self, "safety_weight", 0.0)
-        check_range(self, "safety_batch_size", 1)
-        super().__post_init__()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import SFTConfig
 
-from ...core.config import HarmfulDataArguments, check_range
+from ...core.config import DefenseConfigMixin, HarmfulDataArguments, Range
 
 
 @dataclass
-class TVaccineConfig(HarmfulDataArguments, SFTConfig):
+class TVaccineConfig(DefenseConfigMixin, HarmfulDataArguments, SFTConfig):
     r"""
     Configuration class for the [`TVaccineTrainer`].
 
@@ -55,6 +56,14 @@ class TVaccineConfig(HarmfulDataArguments, SFTConfig):
     Under DDP the config sets `ddp_find_unused_parameters=True` (unless set explicitly), because frozen layers produce
     no gradient.
     """
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "rho": Range(0.0),
+        "num_active_layers": Range(1),
+        "resample_interval": Range(1),
+        "rescore_interval": Range(1),
+        "harmful_batch_size": Range(1),
+    }
 
     rho: float = field(
         default=3.0,
@@ -103,11 +112,6 @@ class TVaccineConfig(HarmfulDataArguments, SFTConfig):
     )
 
     def __post_init__(self):
-        check_range(self, "rho", 0.0)
-        check_range(self, "num_active_layers", 1)
-        check_range(self, "resample_interval", 1)
-        check_range(self, "rescore_interval", 1)
-        check_range(self, "harmful_batch_size", 1)
         # Frozen layers produce no gradient: DDP must look for unused parameters (TrainingArguments' default is
         # False whenever gradient checkpointing is on, which TRL turns on by default)
         if self.ddp_find_unused_parameters is None:

@@ -60,6 +60,7 @@ class TVaccineTrainer(DefenseTrainerMixin, SFTTrainer):
         "zero3": _DEEPSPEED_REASON,
         "fsdp": "per-step layer freezing and the activation-gradient probe are untested under FSDP.",
     }
+    locates_layers = True
     _name = "T-Vaccine"
     _paper = {
         "title": "Targeted Vaccine: Safety Alignment for Large Language Models against Harmful Fine-Tuning via "
@@ -68,6 +69,9 @@ class TVaccineTrainer(DefenseTrainerMixin, SFTTrainer):
         "citation": _CITATION,
     }
     _tag_names = ["trl", "sft", "trl-safety", "t-vaccine"]
+
+    def uses_attention_modules(self) -> bool:
+        return True
 
     def setup_defense(self) -> None:
         args = self.args

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trl import SFTConfig
 
-from ...core.config import check_range
+from ...core.config import DefenseConfigMixin, EffectiveIf, Range
 
 
 @dataclass
-class VaccineConfig(SFTConfig):
+class VaccineConfig(DefenseConfigMixin, SFTConfig):
     r"""
     Configuration class for the [`VaccineTrainer`].
 
@@ -37,6 +38,15 @@ class VaccineConfig(SFTConfig):
             Dotted path from the model to its decoder-layer list (e.g. `"transformer.h"`), for models whose layers
             cannot be found structurally.
     """
+
+    ranges: ClassVar[dict[str, Range]] = {"rho": Range(0.0)}
+    effective_if: ClassVar[dict[str, EffectiveIf]] = {
+        "attention_attr": EffectiveIf(
+            "target_modules=None (the attention modules)",
+            lambda c: c.target_modules is None,
+            {"target_modules": ["mlp"]},
+        ),
+    }
 
     rho: float = field(
         default=2.0,
@@ -68,7 +78,6 @@ class VaccineConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        check_range(self, "rho", 0.0)
         if self.perturbation not in ("gradient", "random"):
             raise ValueError(f"`perturbation` must be 'gradient' or 'random', got {self.perturbation!r}.")
         if self.target_modules is not None and len(self.target_modules) == 0:

@@ -58,6 +58,7 @@ class VaccineTrainer(DefenseTrainerMixin, SFTTrainer):
     unsupported_backends = {
         "fsdp": "the activation-gradient probe pass is untested under FSDP (see docs/vaccine.md).",
     }
+    locates_layers = True
     _name = "Vaccine"
     _paper = {
         "title": "Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning Attack",
@@ -65,6 +66,9 @@ class VaccineTrainer(DefenseTrainerMixin, SFTTrainer):
         "citation": _CITATION,
     }
     _tag_names = ["trl", "sft", "trl-safety", "vaccine"]
+
+    def uses_attention_modules(self) -> bool:
+        return self.args.target_modules is None
 
     def setup_defense(self) -> None:
         args = self.args
