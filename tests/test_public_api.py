@@ -1,4 +1,4 @@
-"""The public API contract of design.md: names, base classes, help text on every config field, registry."""
+"""The public API contract (docs/design/architecture.md §3): names, base classes, help text on every config field, registry."""
 
 import dataclasses
 

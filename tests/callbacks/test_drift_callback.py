@@ -130,6 +130,8 @@ def test_zero_at_start_then_matches_manual_computation(tmp_path):
     for step in (2, 4):
         per_layer, overall = manual_drift(snapshots.models[0], snapshots.models[step], tokenizer, PROMPTS)
         assert overall > 1e-3  # SGD with lr 0.5 moved the weights
+        # callback (batches of 3, padded) vs one unpadded prompt at a time (docs/testing.md): fp32 hidden states,
+        # norms summed in float64; observed ≤ 3e-16 relative here, rel 1e-5 leaves room for fp32 hidden-state noise
         for i, expected in enumerate(per_layer):
             assert entries[step][f"embedding_drift/layer_{i}"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
         assert entries[step]["embedding_drift"] == pytest.approx(overall, rel=1e-5, abs=1e-7)
@@ -171,6 +173,7 @@ def test_lora_with_dropout_selected_layers_and_attention_position(tmp_path):
     assert entries[0]["embedding_drift"] == 0.0
     per_layer, _ = manual_drift(snapshots.models[0], snapshots.models[4], tokenizer, prompts, attr="self_attn")
     assert per_layer[1] > 1e-4
+    # batched callback vs unpadded hooks, on a drift ≈0.03 (docs/testing.md): observed ≤ 6e-9 relative
     assert entries[4]["embedding_drift/layer_1"] == pytest.approx(per_layer[1], rel=1e-5, abs=1e-7)
     assert entries[4]["embedding_drift"] == entries[4]["embedding_drift/layer_1"]
 
@@ -224,6 +227,8 @@ def test_padding_does_not_change_the_value(tmp_path):
         values.append(callback.compute_drift(moved, "cpu"))
     assert values[0]["embedding_drift"] > 0
     for key in values[0]:
+        # batch 1 vs 4, i.e. unpadded vs padded forwards (docs/testing.md): observed ≤ 1e-8 relative, 100× margin;
+        # a padding token leaking into the mean moves it by far more
         assert values[1][key] == pytest.approx(values[0][key], rel=1e-6)
 
 

@@ -57,6 +57,7 @@ def test_callback_logs_harmful_score_during_training(tmp_path):
     # the value at the last step is the harmful score of the final model, computed independently
     responses = generate_responses(trainer.model, tokenizer, PROMPTS, max_new_tokens=5, progress=False)
     flags = [len(r) % 2 == 1 for r in responses]
+    # percentages of counted flags (here and below): only k/n·100 rounding, absorbed by approx's default rel=1e-6
     assert logged[-1][1] == pytest.approx(100 * sum(flags) / 3)
     final = next(e for e in reversed(trainer.state.log_history) if "harmful_score" in e)
     assert final["harmful_score/a"] == pytest.approx(50 * (flags[0] + flags[2]))

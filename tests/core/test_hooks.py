@@ -29,9 +29,11 @@ def test_add_to_outputs_changes_the_forward_by_the_delta():
     # Capture is registered after the perturbation, so it sees the perturbed output
     with add_to_outputs(attention, deltas), capture_outputs(attention) as perturbed:
         model(input_ids=ids)
-    torch.testing.assert_close(perturbed[0], clean[0])
+    # Exact (docs/testing.md): the same forward on the same input, and adding 0 or 0.5 is one correctly rounded
+    # fp32 op on every kernel
+    torch.testing.assert_close(perturbed[0], clean[0], rtol=0, atol=0)
     # Layer 1's input changed through layer 0? No: delta 0 on layer 0, so layer 1's own output moves by exactly 0.5
-    torch.testing.assert_close(perturbed[1], clean[1] + 0.5)
+    torch.testing.assert_close(perturbed[1], clean[1] + 0.5, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("context", ["capture", "add"])

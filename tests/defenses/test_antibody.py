@@ -61,8 +61,11 @@ def expected_loss(reference, batch, temperature):
 
 
 def assert_grad_close(actual, expected, name):
-    # fp32 summation-order noise (fused LM head vs full logits) scales with the tensor's largest entry
-    atol = max(1e-7, 4e-6 * float(expected.abs().max()))
+    # Fused LM head vs full logits (docs/testing.md): the per-sample mean NLLs (≈6) differ by ~5e-7 between the
+    # paths, and the weights softmax(ΔNLL/τ) amplify that by 1/τ: ≈1e-5 relative at τ = 0.05 (0.1 in the GA test),
+    # which the gradient Σ w·∇S carries relative to its largest entry. 2e-5·max is 2× that bound (observed ≤ 3.8e-6·max
+    # on default/avx2/avx512; 4e-6 left no margin); a missing term or a factor 2 is of the order of max itself.
+    atol = max(1e-7, 2e-5 * float(expected.abs().max()))
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol, msg=name)
 
 
@@ -87,15 +90,19 @@ def test_weights_loss_and_gradient_match_independent_computation(tmp_path):
     expected, weights = expected_loss(reference, batch, temperature)
     expected_grads = dict(zip(*zip(*reference.named_parameters()), strict=False))
     values = torch.autograd.grad(expected, list(expected_grads.values()))
+    # fused LM head vs full logits on a loss ≈6: observed ≤ 8e-8 relative, 1e-5 is >100× that
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-7)
     for (name, _), value in zip(expected_grads.items(), values):
         assert_grad_close(grads[name], value, name)
 
     assert weights.max() / weights.min() > 1.5  # really weighted
     entropy = -(weights * weights.log()).sum()
-    assert trainer._metrics["train"]["weight_entropy"][-1] == pytest.approx(float(entropy), rel=1e-5)
+    # The weights carry ≈1e-5 relative error between the paths (see assert_grad_close); the entropy weighs them by
+    # |log w| + 1 ≈ 3, so up to ~4e-5 relative on H ≈ 0.8, and the share up to ~2e-5: rel 1e-4 (observed ≤ 3.7e-6,
+    # 1e-5 was below the bound). A wrong temperature or a uniform weighting moves both by > 1e-2.
+    assert trainer._metrics["train"]["weight_entropy"][-1] == pytest.approx(float(entropy), rel=1e-4)
     share = weights[batch["is_harmful"]].sum()
-    assert trainer._metrics["train"]["harmful_weight_share"][-1] == pytest.approx(float(share), rel=1e-5)
+    assert trainer._metrics["train"]["harmful_weight_share"][-1] == pytest.approx(float(share), rel=1e-4)
 
 
 def test_gradient_accumulation(tmp_path):
@@ -110,6 +117,7 @@ def test_gradient_accumulation(tmp_path):
     total = 0.0
     for batch, loss in zip(batches, losses):
         value, _ = expected_loss(reference, batch, 0.1)
+        # fused LM head vs full logits, loss ≈3: observed ≤ 8e-8 relative
         torch.testing.assert_close(loss, value.detach() / 2, rtol=1e-5, atol=1e-7)
         total = total + value / 2
     for name, value in zip(params, torch.autograd.grad(total, list(params.values()))):
@@ -144,6 +152,7 @@ def test_uniform_weights_equal_sft(tmp_path, temperature, mode):
     assert [log["loss"] for log in antibody.state.log_history if "loss" in log] == sft_losses
     # Uniform weights: entropy log(batch size); the last batch of the epoch holds 8 − 2·3 = 2 samples
     entropies = [log["weight_entropy"] for log in antibody.state.log_history if "weight_entropy" in log]
+    # exact uniform weights: only the fp32 rounding of 1/n and log (a few eps ≈ 1e-7) separates it from log n
     assert entropies == pytest.approx([math.log(3), math.log(3), math.log(2)], rel=1e-6)
 
 
@@ -245,4 +254,6 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     plain = run(tmp_path / "plain")
     checkpointed = run(tmp_path / "gc", gradient_checkpointing=True)
     for name, param in checkpointed.items():
+        # recomputed forward + checkpointed backward vs one graph: may reorder gradient sums (docs/testing.md);
+        # observed equal. LoRA B starts at 0, so its 2-step update (lr 1e-2) is far above atol.
         torch.testing.assert_close(param, plain[name], rtol=1e-5, atol=1e-7, msg=name)

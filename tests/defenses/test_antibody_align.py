@@ -117,9 +117,12 @@ def antibody_reference(trainer, batches, alpha, eta, momentum, lambda2, fixed_la
 def assert_close(actual, expected):
     flat_a = torch.cat([a.flatten() for a in actual])
     flat_e = torch.cat([e.flatten() for e in expected])
+    # One backward per term vs the package's combined passes (docs/testing.md); λ ≈ 5 multiplies a difference of two
+    # harmful gradients (as in test_booster): observed ≤ 8.6e-7 relative in norm (bound 1e-5) and ≤ 1.5e-6·max per
+    # element, which the fixed atol=1e-6 passed with 5× margin only; per element, 1e-5 relative to the largest entry.
     relative = ((flat_a - flat_e).norm() / flat_e.norm()).item()
     assert relative <= 1e-5, relative
-    torch.testing.assert_close(flat_a, flat_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat_a, flat_e, rtol=1e-5, atol=1e-5 * float(flat_e.abs().max()))
 
 
 HP = dict(alpha=0.1, eta_lbd=5.0, ema_momentum=0.5, lambda2=0.5)
@@ -133,6 +136,7 @@ def test_gradient_matches_reference(tmp_path, peft, ga, checkpointing):
     batches, actual = run_training_steps(trainer, ga)
     expected, lam = antibody_reference(trainer, batches, 0.1, 5.0, 0.5, 0.5)
     assert_close(actual, expected)
+    # λ = η − cos: the cosine of two flattened gradients (~1e-6 noise) on λ ≈ 5, observed ≤ 3e-8 relative
     assert trainer.lambda_ema == pytest.approx(lam, rel=1e-5)
     plain, _ = antibody_reference(trainer, batches, 0.1, 5.0, 0.5, 0.0, fixed_lambda=0.0)
     diff = torch.cat([(e - p).flatten() for e, p in zip(expected, plain)]).norm()

@@ -95,9 +95,13 @@ def assert_grads_close(actual, expected):
     flat_a = torch.cat([a.flatten() for a in actual])
     flat_e = torch.cat([e.flatten() for e in expected])
     assert flat_e.norm() > 0
+    # One backward per term vs the package's combined passes (docs/testing.md). λ = 5 multiplies a difference of two
+    # harmful gradients, each with ~1e-6·max fp32 noise: observed ≤ 9e-7 relative in norm (bound 1e-5) and ≤ 1.6e-6·max
+    # per element, which the fixed atol=1e-6 (≈ 3e-6·max) passed with 5× margin only. Per element, allow the same 1e-5
+    # relative to the largest entry as the norm check; the λ term is ≥ 1e-3 of the gradient (checked in the tests).
     relative = ((flat_a - flat_e).norm() / flat_e.norm()).item()
     assert relative <= 1e-5, relative
-    torch.testing.assert_close(flat_a, flat_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat_a, flat_e, rtol=1e-5, atol=1e-5 * float(flat_e.abs().max()))
 
 
 @pytest.mark.parametrize("checkpointing", ["off", "non-reentrant"])

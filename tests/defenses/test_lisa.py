@@ -137,7 +137,11 @@ def test_phases_batches_and_proximal_gradient(tmp_path, mode):
         for name, grad in expected.items():
             if s > warmup * max_steps:
                 grad = grad + rho * (recorder.weights[s][name] - anchor[name])
-            torch.testing.assert_close(recorder.grads[s][name], grad, rtol=1e-5, atol=1e-7, msg=f"step {s} {name}")
+            # package (SFT loss + proximal gradient hooks) vs reference CE + ρ(w − anchor) (docs/testing.md): the
+            # error scales with the tensor's largest entry (observed ≤ 3.5e-7·max; with MKL's AVX2 GEMM the fixed
+            # atol=1e-7 was within 4× of failing). 1e-5·max stays > 1000× below the proximal term (≥ 1.4e-2·max).
+            atol = max(1e-7, 1e-5 * float(grad.abs().max()))
+            torch.testing.assert_close(recorder.grads[s][name], grad, rtol=1e-5, atol=atol, msg=f"step {s} {name}")
     # The proximal term did act: some step's weights are away from their anchor
     assert any((recorder.weights[s][n] - recorder.weights[s - 1][n]).abs().max() > 0 for s in (3, 5) for n in expected)
     proximal = [log["proximal_term"] for log in trainer.state.log_history if "proximal_term" in log]
@@ -145,6 +149,7 @@ def test_phases_batches_and_proximal_gradient(tmp_path, mode):
     # Its logged value is ρ/2‖w − anchor‖² at the step's weights
     anchor = recorder.weights[2]
     manual = sum(0.5 * rho * ((recorder.weights[3][n] - anchor[n]) ** 2).sum() for n in anchor)
+    # a sum of squares reduced in another order: observed ≤ 1e-7 relative
     assert proximal[3] == pytest.approx(float(manual), rel=1e-5)
     # Hooks are removed after training
     assert all(not p._backward_hooks for p in trainer.model.parameters() if p.requires_grad)
@@ -319,4 +324,5 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, reentrant):
         gradient_checkpointing_kwargs={"use_reentrant": reentrant},
     )
     for name, param in checkpointed.items():
+        # checkpointed recompute vs one graph: may reorder gradient sums (docs/testing.md); observed equal
         torch.testing.assert_close(param, plain[name], rtol=1e-5, atol=1e-7, msg=name)

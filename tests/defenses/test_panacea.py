@@ -87,6 +87,8 @@ def panacea_reference(trainer, batches, lamb, rho, clamp):
 def assert_close(actual, expected):
     flat_a = torch.cat([a.flatten() for a in actual])
     flat_e = torch.cat([e.flatten() for e in expected])
+    # One backward per term vs the package's combined passes (docs/testing.md); λ = 2: observed ≤ 2.7e-7 relative in
+    # norm and ≤ 1.2e-7 per element (≥ 8× below atol on gradients and on ε, whose largest entries are ≈ 0.5)
     relative = ((flat_a - flat_e).norm() / flat_e.norm()).item()
     assert relative <= 1e-5, relative
     torch.testing.assert_close(flat_a, flat_e, rtol=1e-5, atol=1e-6)
@@ -145,10 +147,13 @@ def test_eps_added_at_train_end_and_saved(tmp_path, peft):
     with_eps = make_trainer(tmp_path / "b", peft=peft, max_steps=3, add_eps=True)
     with_eps.train()
     eps = with_eps.last_eps
+    # ‖ε‖ = ρ up to the +1e-7 in ρ·g/(‖g‖ + 1e-7) and fp32 rounding of the norm
     assert abs(torch.sqrt(sum((e**2).sum() for e in eps.values())).item() - 1.0) < 1e-5  # ‖ε‖ = ρ
     for name, p in with_eps.model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p, without.model.state_dict()[name] + eps[name], rtol=0, atol=1e-6)
+            # exact: both runs train identically (add_eps acts after the last step; the weights were observed
+            # bit-equal), and w + ε is one correctly rounded fp32 add on every kernel (docs/testing.md)
+            torch.testing.assert_close(p, without.model.state_dict()[name] + eps[name], rtol=0, atol=0)
     logged = {k for entry in with_eps.state.log_history for k in entry}
     assert {"harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"} <= logged
     with_eps.save_model()

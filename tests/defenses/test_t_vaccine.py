@@ -121,6 +121,7 @@ def test_scores_freezing_and_gradient(tmp_path, peft, ga, checkpointing):
     trainer.current_gradient_accumulation_steps = ga
     for batch in batch_list:
         trainer.training_step(model, batch, num_items)
+    # gradient norms from the package's pass vs this one (docs/testing.md): observed ≤ 1.7e-7 relative, 60× margin
     torch.testing.assert_close(trainer._probabilities.float(), scores / scores.sum(), rtol=1e-5, atol=1e-7)
     active = trainer._active
     assert len(active) == 2 and active == sorted(set(active))
@@ -142,6 +143,8 @@ def test_scores_freezing_and_gradient(tmp_path, peft, ga, checkpointing):
     actual = [p.grad for p in model.parameters() if p.requires_grad]
     assert len(actual) == len(expected) > 0
     for a, e in zip(actual, expected):
+        # package hooks + checkpointed inactive layers vs the explicit reference (docs/testing.md): observed
+        # ≤ 1.8e-8 abs (≤ 8e-7·max), 8× below the tolerance
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
 
     trainer._restore_layers()

@@ -1,4 +1,4 @@
-"""Vaccine: the trainer's gradient equals an independent two-pass computation written from algorithms.md §2.1."""
+"""Vaccine: the trainer's gradient equals an independent two-pass computation written from docs/design/algorithms.md §2.1."""
 
 from __future__ import annotations
 
@@ -106,7 +106,11 @@ def trainer_grads(trainer, batch_list, num_items):
 def assert_grads_close(actual, expected):
     assert len(actual) == len(expected) > 0
     for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
+        # Package hooks (+ checkpointed recompute) vs the two-pass reference (docs/testing.md): reductions in another
+        # order, and ε = ρ·g/‖g‖ built from a gradient that already carries that noise, so the error scales with the
+        # tensor's largest entry, not per element (observed ≤ 1e-6·max; the old fixed 1e-7 was within 3× of failing
+        # on small tensors). 1e-5·max keeps 100× below the ≥ 1e-3·max effect of the perturbation checked below.
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=max(1e-7, 1e-5 * float(e.abs().max())))
 
 
 CHECKPOINTING = {
@@ -129,13 +133,15 @@ def test_gradient_matches_two_pass_reference(tmp_path, peft, ga, checkpointing):
     unperturbed, _ = expected_vaccine_grads(trainer.model, batch_list, 0.0, num_items)
     actual, losses = trainer_grads(trainer, batch_list, num_items)
     assert_grads_close(actual, expected)
-    # The returned loss is the perturbed loss, as Trainer.training_step returns it
+    # The returned loss is the perturbed loss, as Trainer.training_step returns it (package forward vs the
+    # reference's full logits, loss ≈6: observed ≤ 1.5e-7 relative)
     torch.testing.assert_close(torch.stack(losses), torch.stack(expected_losses), rtol=1e-5, atol=1e-7)
     # The perturbation is not negligible here, so the comparison above can fail
     diff = max((a - u).abs().max() / u.abs().max() for a, u in zip(actual, unperturbed))
     assert diff > 1e-3
     metrics = trainer._metrics["train"]
     assert len(metrics["vaccine/unperturbed_loss"]) == ga
+    # ‖ρ·g/(‖g‖ + 1e-7)‖ = ρ up to 1e-7/‖g‖ and fp32 rounding (observed 7e-7 relative): the fp32 defaults suffice
     torch.testing.assert_close(torch.tensor(metrics["vaccine/perturbation_norm"]), torch.full((ga,), rho))
 
 
@@ -191,7 +197,8 @@ def test_random_vaccine_adds_gaussian_noise_of_variance_rho(tmp_path):
     for h in handles:
         h.remove()
     expected = torch.autograd.grad(token_ce(logits, batch["labels"], "sum") / num_items, params)
-    # The residual recovery is exact up to float rounding of the sums
+    # The residual recovery is exact up to float rounding of the sums (s − r − a cancels O(1) terms: ~1e-7 abs noise
+    # in the recovered ε, observed ≤ 1.5e-8 on the gradients; rtol 1e-4 / atol 1e-6 have > 100× margin)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
 
@@ -214,6 +221,7 @@ def test_train_and_save(tmp_path, peft):
     after = dict(trainer.model.named_parameters())
     assert all(not torch.equal(before[n], after[n]) for n in before)
     logged = [entry for entry in trainer.state.log_history if "vaccine/unperturbed_loss" in entry]
+    # logged ‖ε‖ vs ρ: the +1e-7 in the denominator and fp32 rounding (observed 1.5e-6 relative)
     assert len(logged) == 3 and all(
         entry["vaccine/perturbation_norm"] == pytest.approx(2.0, rel=1e-4) for entry in logged
     )

@@ -11,7 +11,7 @@ network. Rank 0 writes, in `--output_dir`:
 
 With `--expect_unsupported`, each named defense's trainer is only constructed and the error it raises (or None) is
 recorded in `result.json`. Rank 0 prints `TRL_SAFETY_DISTRIBUTED_DONE` last, so a test can tell a finished run from
-one that died (a rank may still abort at interpreter exit, see integration notes §6).
+one that died (a rank may still abort at interpreter exit, see docs/design/integration.md §6).
 
 The hyperparameters below are chosen so that a 2-rank run with per-device batch b and accumulation GA performs
 exactly the computation of one process with batch b and accumulation 2·GA (the per-rank semantics of every

@@ -92,7 +92,7 @@ def test_recipe_parses(path):
 
 
 def test_recipe_values_follow_the_papers():
-    """A few values algorithms.md fixes, checked so a recipe edit cannot silently drift."""
+    """A few values docs/design/algorithms.md fixes, checked so a recipe edit cannot silently drift."""
 
     def load(name):
         with open(os.path.join(ROOT, "recipes", name)) as f:

@@ -49,6 +49,7 @@ def test_eval_full_model_report(tmp_path, files):
     responses = generate_responses(model, tokenizer, hs["prompts"], max_new_tokens=4, prompt_format="alpaca")
     assert hs["responses"] == responses
     flags = KeywordJudge().flag(hs["prompts"], responses)
+    # a percentage of counted flags: only k/n·100 rounding, absorbed by approx's default rel=1e-6
     assert hs["score"] == pytest.approx(100 * sum(flags) / 3) and hs["per_category"] == {"x": hs["score"]}
     fa = report["finetune_accuracy"]
     assert fa["num_samples"] == 5 and fa["task"] == "sst2"

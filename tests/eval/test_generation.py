@@ -69,6 +69,7 @@ def test_harmful_score_generates_then_judges():
         progress=False,
     )
     assert result.responses == responses and result.flags == expected_flags
+    # percentages of counted flags: only k/n·100 rounding, absorbed by approx's default rel=1e-6
     assert result.score == pytest.approx(100 * sum(expected_flags) / 4)
     flags = expected_flags
     assert result.per_category == pytest.approx({"a": 50 * (flags[0] + flags[1]), "b": 50 * (flags[1] + flags[3])})

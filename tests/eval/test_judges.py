@@ -68,6 +68,8 @@ def test_classifier_judge_softmax_matches_hand_computation():
     logits = expected_last_token_logits(model, tokenizer, texts, 64)
     expected = torch.softmax(logits, dim=-1)[:, 1]  # "unsafe" found by name
     scores = judge.score(PROMPTS, RESPONSES)
+    # batched + right-padded vs unbatched (docs/testing.md): head ×30 on a 32-dim hidden, observed ≤1.2e-7 on
+    # probabilities in [0, 1]; 1e-6 + 1e-5·p is ~10× that and far below any wrong-token / wrong-label error
     torch.testing.assert_close(torch.tensor(scores), expected, rtol=1e-5, atol=1e-6)
     assert judge.flag(PROMPTS, RESPONSES) == [bool(v > 0.5) for v in expected]
     # naming the harmful label explicitly, or by index, gives the same; choosing "safe" gives the complement
@@ -75,6 +77,7 @@ def test_classifier_judge_softmax_matches_hand_computation():
     other = ClassifierJudge(
         model, tokenizer, input_format="Q: {prompt}\nA: {response}", harmful_labels=["safe"], max_length=64
     )
+    # batched vs unbatched, and softmax's two outputs summing to 1 only to fp32 rounding: as above
     torch.testing.assert_close(torch.tensor(other.score(PROMPTS, RESPONSES)), 1 - expected, rtol=1e-5, atol=1e-6)
 
 
@@ -88,6 +91,7 @@ def test_classifier_judge_multilabel_and_text_pair():
             [model.model(input_ids=torch.tensor([i])).last_hidden_state[0, -1] @ model.score.weight.T for i in ids]
         )
     expected = torch.sigmoid(logits)[:, [0, 2]].max(dim=-1).values
+    # batched + padded text pairs vs unbatched, head ×30 (docs/testing.md): observed ≤1.2e-7, ~10× margin
     torch.testing.assert_close(torch.tensor(judge.score(PROMPTS, RESPONSES)), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown label"):
         ClassifierJudge(model, tokenizer, harmful_labels=["nope"]).score(PROMPTS[:1], RESPONSES[:1])
@@ -100,6 +104,7 @@ def test_classifier_judge_loads_from_path(tmp_path):
     judge = load_judge(str(tmp_path / "clf"), device="cpu", batch_size=2)
     assert isinstance(judge, ClassifierJudge)
     direct = ClassifierJudge(model, tokenizer)
+    # batch size 2 vs 16: different padding per forward (docs/testing.md); same tolerance as the tests above
     torch.testing.assert_close(
         torch.tensor(judge.score(PROMPTS, RESPONSES)),
         torch.tensor(direct.score(PROMPTS, RESPONSES)),
@@ -123,14 +128,20 @@ def test_beaver_dam_input_format_flags_and_categories():
     expected_flags = [bool(row.max() > 0.5) for row in probabilities]
     assert judge.flag(PROMPTS, RESPONSES) == expected_flags
     assert 0 < sum(expected_flags) < len(expected_flags), "fixture should give a mix of flags"
+    # batched + right-padded vs unbatched (docs/testing.md). center_head makes the head rows ≈700 long and
+    # orthogonal to the shared hidden state, so fp32 noise in the hidden state (~1e-7 relative) becomes logit noise
+    # ~2e-4 per path (measured against float64); sigmoid' ≤ 1/4 gives ≤ 1e-4 between the paths on probabilities.
+    # Observed up to 3.8e-5 (category probabilities) across the default/avx2/avx512 kernels. The max over categories
+    # is 1-Lipschitz, so the score gets the same tolerance as the categories; flags sit ≥ 0.04 from 0.5.
     torch.testing.assert_close(
-        torch.tensor(judge.score(PROMPTS, RESPONSES)), probabilities.max(dim=-1).values, rtol=1e-5, atol=1e-6
+        torch.tensor(judge.score(PROMPTS, RESPONSES)), probabilities.max(dim=-1).values, rtol=1e-4, atol=2e-4
     )
     rows = judge.category_scores(PROMPTS, RESPONSES)
     assert tuple(rows[0]) == BEAVERTAILS_CATEGORIES
-    torch.testing.assert_close(torch.tensor([list(r.values()) for r in rows]), probabilities, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor([list(r.values()) for r in rows]), probabilities, rtol=1e-4, atol=2e-4)
     # the harmful score aggregates the same flags, and the judge's per-category rates
     result = harmful_score(None, None, PROMPTS, judge, responses=RESPONSES)
+    # percentages of counted flags (here and below): only k/n·100 rounding, absorbed by approx's default rel=1e-6
     assert result.score == pytest.approx(100 * sum(expected_flags) / len(PROMPTS))
     assert result.flags == expected_flags
     for k, name in enumerate(BEAVERTAILS_CATEGORIES):
@@ -145,6 +156,7 @@ def test_beaver_dam_truncates_at_256_by_default():
     text = f"BEGINNING OF CONVERSATION: USER: p ASSISTANT:{long}{tokenizer.eos_token}"
     assert len(tokenizer(text)["input_ids"]) > 256
     expected = torch.sigmoid(expected_last_token_logits(model, tokenizer, [text], 256)).max()
+    # head Linear vs hand-written matmul on one unpadded text (docs/testing.md): fp32 noise only, observed 0
     assert judge.score(["p"], [long])[0] == pytest.approx(expected.item(), rel=1e-5)
 
 

@@ -196,7 +196,7 @@ def test_real_model_mode_plumbing(tmp_path):
         results = json.load(f)
     config = results["config"]
     assert config["world"] == "real" and config["model"] == str(model_dir)
-    # canonical-protocol defaults that the flags did not override (algorithms.md §6.5)
+    # canonical-protocol defaults that the flags did not override (docs/design/algorithms.md §6.5)
     assert config["lora_alpha"] == 4 and config["lora_mode"] == "single" and config["align_lr"] == 5e-4
     assert config["lora_target_modules"] == ["q_proj", "k_proj", "v_proj"]
     assert [r["name"] for r in results["rows"]] == ["sft", "no-alignment"]

@@ -3,7 +3,7 @@
 ```bash
 trl-safety bench                                  # the toy world on CPU, every defense, p=0.1 (a few minutes)
 trl-safety bench --defenses vaccine lisa --sweep 0 0.05 0.1 0.2 --output-dir bench-out
-# the papers' protocol (algorithms.md §6.5) on a GPU: Llama-2-7B, RepNoise refusals, BeaverTails, SST2, beaver-dam
+# the papers' protocol (docs/design/algorithms.md §6.5) on a GPU: Llama-2-7B, RepNoise refusals, BeaverTails, SST2, beaver-dam
 trl-safety bench --model meta-llama/Llama-2-7b-hf --task sst2 --judge beaver-dam --output-dir bench-llama2
 ```
 
@@ -38,7 +38,7 @@ HELP = {
     "finetune_steps": "Fine-tuning steps (--steps); 0/none: use --finetune_epochs.",
     "align_steps": "Alignment steps; 0/none: use --align_epochs.",
     "model": "A Hub id or local path of a real causal LM: switches to real-model mode with the canonical protocol's "
-    "defaults (algorithms.md §6.5), each overridable by its flag.",
+    "defaults (docs/design/algorithms.md §6.5), each overridable by its flag.",
     "alignment_dataset": "Real mode: the paired-refusal file (Hub id or local path).",
     "harmful_dataset": "Real mode: BeaverTails (Hub id or local path) for the attack rows.",
     "eval_dataset": "Real mode: source of the harmful-score prompts (default: the harmful dataset's 30k_test).",

@@ -35,7 +35,7 @@ DEFENSE_CONFIG_NAME = "defense_config.json"
 RESULT_FILES = ("eval_report.json", "results.json", "eval_results.json")
 _MAX_METRICS = 40
 
-# Lower-cased substring of a dataset / judge id -> licence caveat shown on the card (sources: landscape.md §3)
+# Lower-cased substring of a dataset / judge id -> licence caveat shown on the card (from the datasets' and judges' own licences)
 KNOWN_LICENCES = {
     "beavertails": "PKU-Alignment/BeaverTails is licensed CC BY-NC 4.0 (non-commercial use only).",
     "beaver-dam": "The judge PKU-Alignment/beaver-dam-7b is derived from LLaMA-1 and its card states a "
@@ -120,7 +120,7 @@ def _flatten_metrics(obj: dict, prefix: str = "", depth: int = 0) -> dict[str, f
 
 
 def _bench_metrics(data: dict, defense: str | None) -> dict[str, float]:
-    """The defense's row of a bench `results.json` (design.md output contract), with the SFT baseline beside it."""
+    """The defense's row of a bench `results.json` (output contract: docs/design/architecture.md §10), with the SFT baseline beside it."""
     rows = [row for row in data.get("rows", []) if isinstance(row, dict)]
     own = next((row for row in rows if defense and defense in (row.get("defense"), row.get("name"))), None)
     if own is None:

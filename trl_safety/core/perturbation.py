@@ -7,7 +7,7 @@ Two steps, both side-effect free:
    outputs of the given modules. No parameter gradient is produced, so nothing reaches `.grad`, DDP's reducer or
    DeepSpeed's buckets, and gradient accumulation is untouched.
 2. [`vaccine_perturbations`]: ε_l = ρ · g_l / (‖(g_1, …, g_L)‖ + 1e-7), the norm taken jointly over all modules, tokens
-   and samples (Vaccine's closed-form inner maximisation, `algorithms.md` §2.1).
+   and samples (Vaccine's closed-form inner maximisation, `docs/design/algorithms.md` §2.1).
 
 Apply the result with [`~trl_safety.core.hooks.add_to_outputs`] around the real forward/backward, and keep the hooks in
 place until that backward has finished: non-reentrant checkpointing re-runs the forward during backward.

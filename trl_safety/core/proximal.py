@@ -3,7 +3,7 @@
 Lisa's proximal term (and [`ProximalCallback`]) adds ρ(w − anchor) to the gradient of every trainable parameter. It is
 added by a hook on each parameter rather than as a loss term because the loss form fails under DeepSpeed ZeRO-3:
 outside its module's forward a parameter is an empty shard, while during the backward ZeRO-3 gathers it, so the hook
-sees the full parameter and gradient (integration.md §4.3, measured bit-identical to the loss form on one process,
+sees the full parameter and gradient (docs/design/integration.md §4.3, measured bit-identical to the loss form on one process,
 DDP, ZeRO-2 and ZeRO-3). The hook runs before DDP/ZeRO gradient reduction, so every rank adds the same term and the
 averaged gradient carries it once.
 

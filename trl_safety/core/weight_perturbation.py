@@ -9,7 +9,7 @@ add a combination of those gradients to the training gradient. The pieces, each 
    `no_grad` and put them back by copying a snapshot (bit-exact, unlike subtracting the step again in bf16).
 3. [`value_neutral_term`]: `Σ_p ⟨c_p, p⟩ − (the same, detached)`. Added to the training loss it is exactly zero, so the
    logged loss is unchanged, and its gradient is exactly `c`: the extra gradient rides along the ONE real backward
-   (`integration.md` §4.4), with normal GA/DDP/DeepSpeed semantics.
+   (`docs/design/integration.md` §4.4), with normal GA/DDP/DeepSpeed semantics.
 
 ```python
 params = list(trainable_parameters(bare).values())

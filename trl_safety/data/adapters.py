@@ -1,6 +1,6 @@
 """Adapters turning the papers' datasets into TRL prompt/completion data, with the papers' selection rules.
 
-Safety data (algorithms.md §1.5):
+Safety data (docs/design/algorithms.md §1.5):
 
 - `PKU-Alignment/BeaverTails` (CC BY-NC 4.0), splits `30k_train` / `30k_test`: alignment rows are `is_safe=True`
   (safe *answers*, Vaccine/Lisa/Antidote), harmful rows `is_safe=False`. Offsets and counts index the filtered rows.
@@ -8,7 +8,7 @@ Safety data (algorithms.md §1.5):
   prompt with a harmful `response` and a `refusal` written as `"Question: … \\nAnswer: …"`; alignment rows use the
   text after the first `"\\nAnswer:"` (whitespace stripped), harmful rows the response (Booster, Panacea, T-Vaccine).
 
-Task data (algorithms.md §6.2): SST2, AGNews and GSM8K, with this package's instruction strings (see
+Task data (docs/design/algorithms.md §6.2): SST2, AGNews and GSM8K, with this package's instruction strings (see
 `SST2_INSTRUCTION`, `AGNEWS_INSTRUCTION`; pass `instruction=` to use another, e.g. a repo's exact string; FA is an exact
 match, so train and test must use the same one).
 
@@ -43,7 +43,7 @@ SST2_ID = "stanfordnlp/sst2"
 AGNEWS_ID = "fancyzhx/ag_news"
 GSM8K_ID = "openai/gsm8k"
 
-# Written for this package from the papers' description (algorithms.md §6.2); not the repos' literal strings.
+# Written for this package from the papers' description (docs/design/algorithms.md §6.2); not the repos' literal strings.
 SST2_INSTRUCTION = "Determine the sentiment of the input sentence. Reply with exactly one word: positive or negative."
 AGNEWS_INSTRUCTION = (
     "Assign the news article in the input to exactly one of these four categories and reply with its name only:\n"
@@ -330,7 +330,7 @@ def _is_local(source: str) -> bool:
 
 
 TASKS = {"sst2": sst2_dataset, "agnews": agnews_dataset, "gsm8k": gsm8k_dataset}
-# Test split and size the papers evaluate fine-tune accuracy on (algorithms.md §6.2)
+# Test split and size the papers evaluate fine-tune accuracy on (docs/design/algorithms.md §6.2)
 TASK_TEST_SPLITS = {"sst2": ("validation", 872), "agnews": ("test", 1000), "gsm8k": ("test", 1000)}
 
 

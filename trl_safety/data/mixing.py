@@ -1,4 +1,4 @@
-"""The attack set: `n` fine-tuning rows of which a fraction `p` are harmful (algorithms.md §6.1)."""
+"""The attack set: `n` fine-tuning rows of which a fraction `p` are harmful (docs/design/algorithms.md §6.1)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Prompt templates of the papers (algorithms.md §1.4): the Stanford-Alpaca template in its two variants.
+"""Prompt templates of the papers (docs/design/algorithms.md §1.4): the Stanford-Alpaca template in its two variants.
 
 - `"alpaca"`: the prompt ends right after `### Response:` (Vaccine, Lisa);
 - `"alpaca_newline"`: the prompt ends with `### Response:\\n` (T-Vaccine, Booster, Antidote, Panacea, Antibody).
 
 The generation-time template must be the training-time template: SST2/AGNews accuracy is an exact string match, and
-one stray newline collapses it (algorithms.md §9.10).
+one stray newline collapses it (docs/design/algorithms.md §9.10).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Batched greedy generation for evaluation (algorithms.md §6.3: `do_sample=False`, `num_beams=1`)."""
+"""Batched greedy generation for evaluation (docs/design/algorithms.md §6.3: `do_sample=False`, `num_beams=1`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Harmful score (HS): the percentage of harmful prompts whose generated answer a judge flags (algorithms.md §6.3)."""
+"""Harmful score (HS): the percentage of harmful prompts whose generated answer a judge flags (docs/design/algorithms.md §6.3)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The papers' evaluation protocols as presets (algorithms.md §6.3, §6.5).
+"""The papers' evaluation protocols as presets (docs/design/algorithms.md §6.3, §6.5).
 
 Absolute harmful scores differ by tens of points between protocols (prompt set, `max_new_tokens`, alignment data):
-compare numbers only within one protocol (algorithms.md §9.9).
+compare numbers only within one protocol (docs/design/algorithms.md §9.9).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ PROTOCOLS: dict[str, EvalProtocol] = {
         "(inferred from file size and structure, not confirmed); 512 new tokens.",
     ),
 }
-# The recommended default (algorithms.md §6.5) is Booster's protocol, shared by Panacea, Virus and Antibody's setup
+# The recommended default (docs/design/algorithms.md §6.5) is Booster's protocol, shared by Panacea, Virus and Antibody's setup
 PROTOCOLS["canonical"] = PROTOCOLS["booster"]
 
 

@@ -1,4 +1,4 @@
-"""Fine-tune accuracy (FA) with the papers' exact-match rules (algorithms.md §6.2, §9.10).
+"""Fine-tune accuracy (FA) with the papers' exact-match rules (docs/design/algorithms.md §6.2, §9.10).
 
 - SST2: the stripped output must *equal* the label word, `positive`/`Positive` or `negative`/`Negative`.
 - AGNews: the stripped output must equal the class name or its lowercase form; `sci` is also accepted for Sci/Tech.

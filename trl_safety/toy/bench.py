@@ -13,7 +13,7 @@ unaligned base fine-tuned), one row:
    task's test split).
 
 By default everything runs in the embedded toy world (`trl_safety.toy.world`) on CPU in minutes; `model=` and the
-dataset fields switch to a real model and the papers' data (algorithms.md §6.5) on a GPU.
+dataset fields switch to a real model and the papers' data (docs/design/algorithms.md §6.5) on a GPU.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class BenchConfig:
 
 
 def real_defaults() -> dict:
-    """The canonical protocol for real models (algorithms.md §6.5, Booster's setting)."""
+    """The canonical protocol for real models (docs/design/algorithms.md §6.5, Booster's setting)."""
     return dict(
         model="meta-llama/Llama-2-7b-hf",
         alignment_dataset="anonymous4486/repnoise_beavertail",

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 ZERO3_REASON = (
     "Antibody's alignment step moves the trainable weights in place to the perturbed point θ', which ZeRO-3's "
-    "parameter shards do not allow (integration notes §4.4, measured for Booster's identical step)."
+    "parameter shards do not allow (docs/design/integration.md §4.4, measured for Booster's identical step)."
 )
 
 

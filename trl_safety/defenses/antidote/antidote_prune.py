@@ -1,6 +1,6 @@
 """Antidote: after fine-tuning, zero the weights that matter most for producing harmful answers.
 
-Algorithm (algorithms.md §4.1, the official `prune_wanda_outlier`):
+Algorithm (docs/design/algorithms.md §4.1, the official `prune_wanda_outlier`):
 
 1. Run the harmful re-alignment set through the fine-tuned model once, in eval mode, recording for every scored
    linear layer ‖X_j‖ = sqrt(mean over samples of Σ_tokens x_j²) per input feature j. For a LoRA adapter the scored

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 ZERO3_REASON = (
     "Booster moves the trainable weights in place for its simulated harmful step, which ZeRO-3's parameter shards do "
-    "not allow (three variants, including GatheredParameters, were measured to fail; integration notes §4.4)."
+    "not allow (three variants, including GatheredParameters, were measured to fail; docs/design/integration.md §4.4)."
 )
 
 

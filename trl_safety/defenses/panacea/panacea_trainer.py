@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 ZERO3_REASON = (
     "Panacea moves the trainable weights in place to evaluate the perturbed harmful loss, which ZeRO-3's parameter "
-    "shards do not allow (integration notes §4.4, measured for Booster's identical step)."
+    "shards do not allow (docs/design/integration.md §4.4, measured for Booster's identical step)."
 )
 
 

@@ -1,4 +1,4 @@
-"""RepNoise: Representation Noising (Rosati et al., NeurIPS 2024), `algorithms.md` §2.5.
+"""RepNoise: Representation Noising (Rosati et al., NeurIPS 2024), `docs/design/algorithms.md` §2.5.
 
 On a paired micro-batch (harmless = harmful prompt → refusal, harmful = same prompt → harmful answer):
 

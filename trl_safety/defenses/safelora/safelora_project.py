@@ -1,4 +1,4 @@
-"""SafeLoRA: project the least aligned LoRA updates onto the alignment subspace (algorithms.md §4.3, IBM code).
+"""SafeLoRA: project the least aligned LoRA updates onto the alignment subspace (docs/design/algorithms.md §4.3, IBM code).
 
 For every LoRA module (A: r×d_in, B: d_out×r, ΔW ∝ B·A) with V = W_aligned − W_base of the same module:
 

@@ -1,4 +1,4 @@
-"""T-Vaccine (Targeted Vaccine): layer-selective Vaccine (Liu et al., 2024), `algorithms.md` §2.2.
+"""T-Vaccine (Targeted Vaccine): layer-selective Vaccine (Liu et al., 2024), `docs/design/algorithms.md` §2.2.
 
 Per optimizer step t (on its first micro-batch):
 

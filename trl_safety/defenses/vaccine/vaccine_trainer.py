@@ -1,4 +1,4 @@
-"""Vaccine: perturbation-aware alignment (Huang et al., NeurIPS 2024), `algorithms.md` §2.1.
+"""Vaccine: perturbation-aware alignment (Huang et al., NeurIPS 2024), `docs/design/algorithms.md` §2.1.
 
 One step on an alignment micro-batch:
 
