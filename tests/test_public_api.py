@@ -56,7 +56,7 @@ def test_registry_stages_and_trainers_agree():
         if spec.trainer_class is not None:
             assert spec.trainer_class.defense_name == spec.name
             assert spec.trainer_class.stage == spec.stage
-            assert set(spec.unsupported_backends) == set(spec.trainer_class.unsupported_backends)
+            assert set(spec.unsupported_backends) == set(spec.trainer_class.refused_backends())
         else:
             assert callable(spec.post_hoc)
 
@@ -64,3 +64,12 @@ def test_registry_stages_and_trainers_agree():
 def test_unknown_attribute():
     with pytest.raises(AttributeError, match="no attribute 'NoSuchTrainer'"):
         trl_safety.NoSuchTrainer  # noqa: B018
+
+
+def test_trainer_defense_backends_are_declared_once_on_the_trainer():
+    from trl_safety.registry import DefenseSpec, get_defense
+
+    spec = get_defense("booster")
+    assert "zero3" in spec.unsupported_backends and "fsdp" in spec.unsupported_backends  # the mixin's FSDP rule too
+    with pytest.raises(ValueError, match="declares its backends on the trainer"):
+        DefenseSpec("x", "alignment", spec.config_class, spec.trainer_class, unsupported_backends=("zero3",))

@@ -22,7 +22,9 @@ class DefenseSpec:
         post_hoc: for post-fine-tuning defenses, a callable
             `(model, config, *, harmful_dataset=None, processing_class=None, base_model=None, aligned_model=None)`
             that repairs `model` in place and returns it.
-        unsupported_backends: backends (`ddp`, `zero2`, `zero3`, `fsdp`) where the defense refuses to run.
+        unsupported_backends: backends (`ddp`, `zero1`, `zero2`, `zero3`, `fsdp`) where the defense refuses to run.
+            Derived from the trainer (`refused_backends()`, FSDP included until verified) for trainer defenses, so
+            it is declared in one place; given here only for post-hoc defenses.
         description: one line for `--help` and the docs.
         bench_overrides: config-field overrides the toy-world bench uses for this defense (its scale differs from a
             7B model's, e.g. a larger ρ); documented in the defense's docs page.
@@ -36,10 +38,22 @@ class DefenseSpec:
     config_class: type
     trainer_class: type | None = None
     post_hoc: object | None = None
-    unsupported_backends: tuple[str, ...] = ()
+    unsupported_backends: tuple[str, ...] | None = None
     description: str = ""
     bench_overrides: dict = field(default_factory=dict)
     paired_data: bool = False
+
+    def __post_init__(self):
+        if self.trainer_class is not None:
+            if self.unsupported_backends is not None:
+                raise ValueError(
+                    f"Defense {self.name!r}: a trainer defense declares its backends on the trainer "
+                    "(`unsupported_backends` class attribute), not in its DefenseSpec."
+                )
+            refused = tuple(self.trainer_class.refused_backends())
+        else:
+            refused = tuple(self.unsupported_backends or ())
+        object.__setattr__(self, "unsupported_backends", refused)  # frozen dataclass: set once, here
 
     def __hash__(self) -> int:
         return hash(self.name)

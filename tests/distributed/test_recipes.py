@@ -106,15 +106,6 @@ def test_recipe_values_follow_the_papers():
     assert load("antibody/gsm8k_finetune_lora.yaml")["temperature"] == 1.0
 
 
-def test_registry_matches_trainer_declarations():
-    """The DefenseSpec's `unsupported_backends` (docs, CLI) agree with what the trainer refuses."""
-    from trl_safety.registry import list_defenses
-
-    for spec in list_defenses():
-        declared = set(spec.trainer_class.unsupported_backends) if spec.trainer_class is not None else set()
-        assert set(spec.unsupported_backends) == declared, spec.name
-
-
 def test_bundled_accelerate_configs_resolve(tmp_path, monkeypatch):
     """GPU profiles and CPU test profiles resolve by name from any directory, the ZeRO-3 JSON included."""
     import json

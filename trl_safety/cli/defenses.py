@@ -18,7 +18,6 @@ def run(argv: list[str], prog: str, command: str) -> int:
         return 0
     width = max(len(spec.name) for spec in specs)
     for spec in specs:
-        refused = spec.trainer_class.refused_backends() if spec.trainer_class else spec.unsupported_backends
-        unsupported = ", ".join(refused) or "-"
+        unsupported = ", ".join(spec.unsupported_backends) or "-"
         print(f"{spec.name.ljust(width)}  {spec.stage:<17} unsupported: {unsupported:<12} {spec.description}")
     return 0

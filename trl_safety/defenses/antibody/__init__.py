@@ -11,7 +11,6 @@ register_defense(
         stage="fine-tuning",
         config_class=AntibodyConfig,
         trainer_class=AntibodyTrainer,
-        unsupported_backends=tuple(AntibodyTrainer.unsupported_backends),
         description="Weights each sample of a batch by softmax((NLL of a refusal - NLL of its answer) / tau).",
         # The official τ=1 and batch size 16 carry over: the weights are a softmax over the micro-batch, so the
         # bench's batch size (not the model scale) sets their effect. Nothing to rescale.

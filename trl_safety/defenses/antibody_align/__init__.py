@@ -11,7 +11,6 @@ register_defense(
         stage="alignment",
         config_class=AntibodyAlignConfig,
         trainer_class=AntibodyAlignTrainer,
-        unsupported_backends=("zero3",),
         description="Alignment in a flat harmful-loss region (adaptive λ) with a refusal loss at perturbed weights.",
         bench_overrides={"harmful_batch_size": 8},
     )

@@ -11,10 +11,8 @@ register_defense(
         stage="alignment",
         config_class=BoosterConfig,
         trainer_class=BoosterTrainer,
-        unsupported_backends=("zero3",),
         description="Alignment with a penalty on the harmful-loss drop after a simulated harmful step (3 passes).",
-        # The toy model's harmful gradients are much larger than a 7B LoRA's, so a larger normalised step is needed
-        # to reach a region where h changes measurably; λ=5 as in the paper.
+        # A harmful batch of the toy world's size; λ and α keep the paper's values (docs/booster.md)
         bench_overrides={"harmful_batch_size": 8},
     )
 )

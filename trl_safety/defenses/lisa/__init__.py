@@ -11,7 +11,6 @@ register_defense(
         stage="fine-tuning",
         config_class=LisaConfig,
         trainer_class=LisaTrainer,
-        unsupported_backends=tuple(LisaTrainer.unsupported_backends),
         description="Alternates alignment and user steps (K1/K2) with a proximal pull to the other state's weights.",
         # A toy run lasts a few hundred steps, not thousands: K1/K2 = 100/900 would spend the first 100 steps on
         # alignment data only and switch at most once. 10/90 keeps the paper's 1:9 allocation with several cycles.

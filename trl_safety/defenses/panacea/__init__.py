@@ -11,7 +11,6 @@ register_defense(
         stage="fine-tuning",
         config_class=PanaceaConfig,
         trainer_class=PanaceaTrainer,
-        unsupported_backends=("zero3",),
         description="Fine-tuning with a learned harmful-loss-raising weight perturbation ε, added after training.",
         bench_overrides={"harmful_batch_size": 8},
     )

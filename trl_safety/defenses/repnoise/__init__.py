@@ -11,7 +11,6 @@ register_defense(
         stage="alignment",
         config_class=RepNoiseConfig,
         trainer_class=RepNoiseTrainer,
-        unsupported_backends=tuple(RepNoiseTrainer.unsupported_backends),
         description="Representation noising: refuse on paired data while pushing harmful representations to noise "
         "and ascending the harmful loss.",
         bench_overrides={"alpha": 0.1, "beta": 0.001},

@@ -11,7 +11,6 @@ register_defense(
         stage="fine-tuning",
         config_class=SafetyMixConfig,
         trainer_class=SafetyMixTrainer,
-        unsupported_backends=tuple(SafetyMixTrainer.unsupported_backends),
         description="Adds lambda * CE on a batch of alignment (refusal) data to every user micro-batch.",
         # λ=1 and batch 4 carry over unchanged: the term is a token-mean CE like the user loss, so its scale does not
         # depend on the model size.

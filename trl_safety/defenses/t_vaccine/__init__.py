@@ -11,7 +11,6 @@ register_defense(
         stage="alignment",
         config_class=TVaccineConfig,
         trainer_class=TVaccineTrainer,
-        unsupported_backends=tuple(TVaccineTrainer.unsupported_backends),
         description="Layer-selective Vaccine: perturb and train only layers sampled by their harmful-gradient norm.",
         bench_overrides={"rho": 3.0, "num_active_layers": 1, "resample_interval": 5, "rescore_interval": 20},
     )

@@ -11,7 +11,6 @@ register_defense(
         stage="alignment",
         config_class=VaccineConfig,
         trainer_class=VaccineTrainer,
-        unsupported_backends=tuple(VaccineTrainer.unsupported_backends),
         description="Perturbation-aware alignment: train on safety data under worst-case attention-output "
         "perturbations of radius rho.",
         bench_overrides={"rho": 2.0},  # the README default, pinned: ρ ≥ 4 breaks the toy task (docs/vaccine.md)
