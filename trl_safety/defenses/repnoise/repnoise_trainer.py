@@ -23,9 +23,10 @@ from contextlib import nullcontext
 import torch
 from trl import SFTTrainer
 
-from ...core.hooks import first_tensor, gradient_checkpointing_disabled
+from ...core.hooks import capture_outputs, gradient_checkpointing_disabled
 from ...core.layers import get_decoder_layers, unwrap_model
 from ...core.perturbation import needs_full_activations
+from ...core.seeding import MicroBatchGenerators
 from ...core.trainer import DefenseTrainerMixin
 from .repnoise_config import RepNoiseConfig
 
@@ -181,7 +182,7 @@ class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
                 f"Could not find the final norm `{args.final_norm_attr}` of {type(base).__name__}'s decoder (needed "
                 "for RepNoise's logit lens); set `final_norm_attr`."
             )
-        self._micro_batch = (-1, 0)
+        self._noise = MicroBatchGenerators(args.seed, self.accelerator.process_index)
 
     # --------------------------------------------------------------------------------------------------- helpers
     def _harmful_batch(self, pair_index: torch.Tensor):
@@ -190,13 +191,8 @@ class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
         return self._prepare_inputs(self.data_collator.collator(examples))
 
     def _noise_generator(self, device) -> torch.Generator:
-        """Seeded from (seed, rank, step, micro-batch): resumed runs draw the same noise, ranks draw different noise."""
-        step = self.state.global_step
-        micro = self._micro_batch[1] + 1 if self._micro_batch[0] == step else 0
-        self._micro_batch = (step, micro)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(hash((self.args.seed, self.accelerator.process_index, step, micro)) % (2**63))
-        return generator
+        """This micro-batch's generator (`core.seeding`): resumed runs draw the same noise, ranks different noise."""
+        return self._noise.next(self.state.global_step, device)
 
     def _noise_loss(self, mlp_outputs, mask, device) -> torch.Tensor:
         generator = self._noise_generator(device)
@@ -257,30 +253,19 @@ class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
         self.log_metric("repnoise/harmless_loss", harmless_loss)
 
         if alpha != 0 or beta != 0:
-            mlp_outputs: list[torch.Tensor | None] = [None] * len(self._mlps)
-
-            def make_hook(index):
-                def hook(_module, _inputs, output):
-                    if mlp_outputs[index] is None:  # the first call; checkpoint recomputation must not replace it
-                        mlp_outputs[index] = first_tensor(output)
-
-                return hook
-
-            handles = [mlp.register_forward_hook(make_hook(i)) for i, mlp in enumerate(self._mlps)] if beta else []
+            # MLP outputs of the harmful pass, for the MMD term (only the first call of each module is kept, so a
+            # checkpoint recomputation cannot replace them)
+            capture = capture_outputs(self._mlps) if beta else nullcontext([None] * len(self._mlps))
             # Under reentrant checkpointing, activations inside a layer are computed without grad; run this pass with
             # full activations so the MMD term gets its gradient
             full = beta != 0 and needs_full_activations(self._layers)
-            try:
-                with gradient_checkpointing_disabled(self._layers) if full else nullcontext():
-                    harmful_outputs = model(
-                        input_ids=harmful["input_ids"],
-                        attention_mask=harmful["attention_mask"],
-                        output_hidden_states=alpha != 0,
-                        use_cache=False,
-                    )
-            finally:
-                for handle in handles:
-                    handle.remove()
+            with capture as mlp_outputs, gradient_checkpointing_disabled(self._layers) if full else nullcontext():
+                harmful_outputs = model(
+                    input_ids=harmful["input_ids"],
+                    attention_mask=harmful["attention_mask"],
+                    output_hidden_states=alpha != 0,
+                    use_cache=False,
+                )
             if alpha != 0:
                 harmful_loss = self._harmful_loss(harmful_outputs, harmful_labels)
                 loss = loss - alpha * torch.log(harmful_loss + 1)

@@ -17,6 +17,7 @@ from trl import SFTTrainer
 from ...core.hooks import add_to_outputs
 from ...core.layers import find_modules, get_attention_modules, get_decoder_layers
 from ...core.perturbation import activation_gradients, gaussian_output_noise, joint_norm, vaccine_perturbations
+from ...core.seeding import MicroBatchGenerators
 from ...core.trainer import DefenseTrainerMixin
 from .vaccine_config import VaccineConfig
 
@@ -78,7 +79,7 @@ class VaccineTrainer(DefenseTrainerMixin, SFTTrainer):
             self._modules = get_attention_modules(model, args.attention_attr, args.layers_path)
         else:
             self._modules = [module for _, module in find_modules(model, args.target_modules)]
-        self._micro_batch = (-1, 0)  # (global step, micro-batch index) of the last Random-Vaccine draw
+        self._noise = MicroBatchGenerators(args.seed, self.accelerator.process_index)  # Random-Vaccine
         logger.info("Vaccine perturbs the outputs of %d modules (rho=%s).", len(self._modules), args.rho)
 
     # ------------------------------------------------------------------------------------------------ the step
@@ -113,12 +114,5 @@ class VaccineTrainer(DefenseTrainerMixin, SFTTrainer):
 
     # ------------------------------------------------------------------------------------ Random-Vaccine noise
     def _get_noise_generator(self, inputs) -> torch.Generator:
-        """A generator seeded from (seed, rank, step, micro-batch): the noise needs no checkpointed state, a resumed
-        run draws the same noise as an uninterrupted one, and ranks draw independent noise."""
-        step = self.state.global_step
-        micro = self._micro_batch[1] + 1 if self._micro_batch[0] == step else 0
-        self._micro_batch = (step, micro)
-        seed = hash((self.args.seed, self.accelerator.process_index, step, micro)) % (2**63)
-        generator = torch.Generator(device=inputs["input_ids"].device)
-        generator.manual_seed(seed)
-        return generator
+        """This micro-batch's generator (`core.seeding`): resumed runs draw the same noise, ranks different noise."""
+        return self._noise.next(self.state.global_step, inputs["input_ids"].device)
