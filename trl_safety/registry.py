@@ -50,7 +50,9 @@ class DefenseSpec:
                     f"Defense {self.name!r}: a trainer defense declares its backends on the trainer "
                     "(`unsupported_backends` class attribute), not in its DefenseSpec."
                 )
-            refused = tuple(self.trainer_class.refused_backends())
+            # A trainer not built on `DefenseTrainerMixin` declares no refusals
+            refused_backends = getattr(self.trainer_class, "refused_backends", dict)
+            refused = tuple(refused_backends())
         else:
             refused = tuple(self.unsupported_backends or ())
         object.__setattr__(self, "unsupported_backends", refused)  # frozen dataclass: set once, here
