@@ -72,3 +72,24 @@ def test_every_cited_document_is_in_the_repo():
         for ref in unresolved_references(path, path.read_text())
     ]
     assert missing == [], "documents cited but not in the repo:\n" + "\n".join(missing)
+
+
+# Package-registry hosts are never written into the repo (links to an unpublished package's page included); the names
+# are assembled here so this file does not contain them either.
+REGISTRY_HOSTS = re.compile(
+    "|".join(
+        re.escape(".".join(parts))
+        for parts in [("pypi", "org"), ("pythonhosted", "org"), ("debian", "org"), ("npmjs", "org"), ("npmjs", "com")]
+    )
+)
+
+
+def test_no_package_registry_address_in_the_repo():
+    assert REGISTRY_HOSTS.search("see " + ".".join(("pypi", "org")) + "/project/x")  # the pattern matches
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in repo_files()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if REGISTRY_HOSTS.search(line)
+    ]
+    assert found == []
