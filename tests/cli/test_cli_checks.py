@@ -7,7 +7,7 @@ import os
 import pytest
 from testing_utils import build_model, build_tokenizer, prompt_completion_dataset
 
-from trl_safety.cli.checks import UsageError, check_dataset, check_judge, check_model, looks_like_local_path
+from trl_safety.cli.checks import UsageError, check_dataset, check_judge, check_model, looks_like_local_model_path
 from trl_safety.cli.main import main
 from trl_safety.data.loading import check_local_dataset, load_named_dataset, load_role_dataset
 from trl_safety.data.loading import looks_like_local_path as looks_like_local_dataset
@@ -71,7 +71,7 @@ def test_existing_local_datasets_pass(in_tmp):
     ],
 )
 def test_model_path_rule(in_tmp, name, local):
-    assert looks_like_local_path(name) is local
+    assert looks_like_local_model_path(name) is local
 
 
 def test_check_model(in_tmp, monkeypatch):

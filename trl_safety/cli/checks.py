@@ -21,7 +21,7 @@ def offline() -> bool:
     return value.upper() in ("1", "ON", "YES", "TRUE")
 
 
-def looks_like_local_path(name: str) -> bool:
+def looks_like_local_model_path(name: str) -> bool:
     """Whether a model name can only mean a local folder, so a missing one is a mistake and not a Hub id.
 
     The rule: a Hub model id is `name` or `owner/name` (alphanumerics, `-`, `_`, `.`, not starting with `.`). A name
@@ -54,14 +54,14 @@ def in_hub_cache(repo_id: str, revision: str | None = None) -> bool:
 def check_model(name: str | None, flag: str, revision: str | None = None) -> None:
     """An existing folder, or a Hub id (which, with HF_HUB_OFFLINE set, must be in the local cache).
 
-    Rule (see `looks_like_local_path`): an existing path is accepted as it is; a missing name that looks like a
+    Rule (see `looks_like_local_model_path`): an existing path is accepted as it is; a missing name that looks like a
     path is a missing folder; any other name must have the shape of a Hub id, and when downloads are off
     (HF_HUB_OFFLINE) it must already be in the local Hugging Face cache, since it cannot load otherwise. Online, a
     well-formed Hub id is accepted without a network call (the download reports a missing or gated repo itself).
     """
     if name is None or os.path.exists(name):
         return
-    if looks_like_local_path(name):
+    if looks_like_local_model_path(name):
         raise UsageError(f"{flag} {name!r}: no such folder; pass an existing folder or a Hub id (owner/name).")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

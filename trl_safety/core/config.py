@@ -159,7 +159,8 @@ def declared_dependencies(config_class: type) -> dict[str, tuple[EffectiveIf, ..
     }
 
 
-def _default_of(config_class: type, name: str):
+def field_default(config_class: type, name: str):
+    """The default of a dataclass field (calling its `default_factory`), or `dataclasses.MISSING`."""
     for f in dataclasses.fields(config_class):
         if f.name == name:
             if f.default is not dataclasses.MISSING:
@@ -167,11 +168,6 @@ def _default_of(config_class: type, name: str):
             if f.default_factory is not dataclasses.MISSING:
                 return f.default_factory()
     return dataclasses.MISSING
-
-
-def field_default(config_class: type, name: str):
-    """The default of a dataclass field (calling its `default_factory`), or `dataclasses.MISSING`."""
-    return _default_of(config_class, name)
 
 
 _UNRULED: set[type] = set()
