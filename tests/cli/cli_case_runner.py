@@ -19,6 +19,7 @@ import traceback
 
 
 def _warm_up() -> None:
+    import trl_safety.bench  # noqa: F401
     import trl_safety.cli.bench  # noqa: F401
     import trl_safety.cli.defenses  # noqa: F401
     import trl_safety.cli.eval  # noqa: F401
@@ -27,7 +28,6 @@ def _warm_up() -> None:
     import trl_safety.cli.train  # noqa: F401
     import trl_safety.data  # noqa: F401
     import trl_safety.eval  # noqa: F401
-    import trl_safety.toy.bench  # noqa: F401
     from trl_safety.registry import list_defenses
 
     list_defenses()

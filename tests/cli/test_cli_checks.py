@@ -178,11 +178,11 @@ def test_sft_checks_before_training_or_relaunching(files, monkeypatch, capsys, e
 
 
 def test_prune_and_bench_check_before_loading(files, monkeypatch, capsys):
+    import trl_safety.bench
     import trl_safety.cli.prune as cli_prune
-    import trl_safety.toy.bench
 
     _forbid(monkeypatch, cli_prune, "load_model_for_repair")
-    _forbid(monkeypatch, trl_safety.toy.bench, "run_bench")
+    _forbid(monkeypatch, trl_safety.bench, "run_bench")
     argv = ["prune", "--defense", "antidote", "--model", "model", "--output_dir", "out"]
     assert main([*argv, "--harmful_dataset_name", "./nope.jsonl"]) == 2
     assert "--harmful_dataset_name: dataset path './nope.jsonl' does not exist" in capsys.readouterr().err

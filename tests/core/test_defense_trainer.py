@@ -164,3 +164,24 @@ def test_lora_run_writes_defense_config_and_card(tmp_path):
     assert "Defense | Counting (`counting`)" in card
     assert "https://huggingface.co/papers/2401.00001" in card
     assert "counting_weight" in card
+
+
+def test_log_metric_prefixes_the_defense_name_and_refuses_a_slash(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.model.train()
+    trainer.log_metric("probe", torch.tensor(2.0))
+    trainer.log_metric("probe", 4.0)
+    trainer.model.eval()
+    trainer.log_metric("probe", 1.0)  # the model's mode picks the buffer
+    trainer.log_metric("phase", 1.0, mode="train")  # unless `mode` is given
+    with pytest.raises(ValueError, match="bare metric name"):
+        trainer.log_metric("counting/probe", 1.0)  # the prefix would be added twice
+    trainer.model.train()
+    trainer.log({"loss": 0.5})
+    logged = trainer.state.log_history[-1]
+    # SFTTrainer averages a buffer over the logging interval: (2 + 4) / 2
+    assert logged["counting/probe"] == 3.0 and logged["counting/phase"] == 1.0
+    assert not any(key in logged for key in ("probe", "phase", "counting/counting/probe"))
+    trainer.model.eval()
+    trainer.log({"eval_loss": 0.5})
+    assert trainer.state.log_history[-1]["eval_counting/probe"] == 1.0  # TRL prefixes eval metrics with `eval_`

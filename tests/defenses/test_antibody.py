@@ -27,8 +27,8 @@ def lora_config():
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
 
 
-def flagged_dataset(n=8):
-    dataset = prompt_completion_dataset(n)
+def flagged_dataset(n=8, seed=0):
+    dataset = prompt_completion_dataset(n, seed)
     return dataset.add_column("is_harmful", [i % 3 == 0 for i in range(n)])
 
 
@@ -73,8 +73,9 @@ def grads_after_step(trainer, batches, accumulation):
     trainer.model.zero_grad()
     trainer.current_gradient_accumulation_steps = accumulation
     losses = []
+    # as the training loop: one target-token count for the whole accumulated step
+    num_items = trainer._get_num_items_in_batch(batches, batches[0]["input_ids"].device)
     for batch in batches:
-        num_items = trainer._get_num_items_in_batch([batch], batch["input_ids"].device)
         losses.append(trainer.training_step(trainer.model, {k: v.clone() for k, v in batch.items()}, num_items))
     return losses, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
@@ -100,26 +101,30 @@ def test_weights_loss_and_gradient_match_independent_computation(tmp_path):
     # The weights carry ≈1e-5 relative error between the paths (see assert_grad_close); the entropy weighs them by
     # |log w| + 1 ≈ 3, so up to ~4e-5 relative on H ≈ 0.8, and the share up to ~2e-5: rel 1e-4 (observed ≤ 3.7e-6,
     # 1e-5 was below the bound). A wrong temperature or a uniform weighting moves both by > 1e-2.
-    assert trainer._metrics["train"]["weight_entropy"][-1] == pytest.approx(float(entropy), rel=1e-4)
+    assert trainer._metrics["train"]["antibody/weight_entropy"][-1] == pytest.approx(float(entropy), rel=1e-4)
     share = weights[batch["is_harmful"]].sum()
-    assert trainer._metrics["train"]["harmful_weight_share"][-1] == pytest.approx(float(share), rel=1e-4)
+    assert trainer._metrics["train"]["antibody/harmful_weight_share"][-1] == pytest.approx(float(share), rel=1e-4)
 
 
 def test_gradient_accumulation(tmp_path):
-    """GA=2: each micro-batch's weighted mean is divided by 2 (a per-micro-batch mean, as in the official code)."""
-    trainer = make_trainer(tmp_path, temperature=0.1, per_device_train_batch_size=4)
+    """GA=2: each micro-batch's weighted mean counts by its share of the step's target tokens, as SFT counts it."""
+    # seed 1: the two micro-batches hold different numbers of target tokens
+    trainer = make_trainer(tmp_path, flagged_dataset(seed=1), temperature=0.1, per_device_train_batch_size=4)
     iterator = iter(trainer.get_train_dataloader())
     batches = [trainer._prepare_inputs(next(iterator)) for _ in range(2)]
     losses, grads = grads_after_step(trainer, batches, accumulation=2)
 
     reference = build_model(seed=0)
     params = dict(reference.named_parameters())
+    tokens = [int((batch["labels"][:, 1:] != -100).sum()) for batch in batches]
     total = 0.0
-    for batch, loss in zip(batches, losses):
+    for batch, loss, count in zip(batches, losses, tokens):
         value, _ = expected_loss(reference, batch, 0.1)
+        share = count / sum(tokens)
+        assert 0 < share < 1 and share != 0.5  # unequal counts: a per-micro-batch mean / 2 would differ
         # fused LM head vs full logits, loss ≈3: observed ≤ 8e-8 relative
-        torch.testing.assert_close(loss, value.detach() / 2, rtol=1e-5, atol=1e-7)
-        total = total + value / 2
+        torch.testing.assert_close(loss, value.detach() * share, rtol=1e-5, atol=1e-7)
+        total = total + value * share
     for name, value in zip(params, torch.autograd.grad(total, list(params.values()))):
         assert_grad_close(grads[name], value, name)
 
@@ -151,7 +156,9 @@ def test_uniform_weights_equal_sft(tmp_path, temperature, mode):
     sft_losses = [log["loss"] for log in sft.state.log_history if "loss" in log]
     assert [log["loss"] for log in antibody.state.log_history if "loss" in log] == sft_losses
     # Uniform weights: entropy log(batch size); the last batch of the epoch holds 8 − 2·3 = 2 samples
-    entropies = [log["weight_entropy"] for log in antibody.state.log_history if "weight_entropy" in log]
+    entropies = [
+        log["antibody/weight_entropy"] for log in antibody.state.log_history if "antibody/weight_entropy" in log
+    ]
     # exact uniform weights: only the fp32 rounding of 1/n and log (a few eps ≈ 1e-7) separates it from log n
     assert entropies == pytest.approx([math.log(3), math.log(3), math.log(2)], rel=1e-6)
 
@@ -168,12 +175,13 @@ def test_refusal_views_are_joined_by_row(tmp_path):
     assert 1 not in rows and len(rows) == 5
     for example in trainer.train_dataset:
         row = example["_trl_safety_row"]
-        refusal = tokenizer.decode(example["refusal_input_ids"])
+        view = trainer.refusal_view.row(row)  # the refusal view the loader joins to this row
+        refusal = tokenizer.decode(view["input_ids"])
         sample = tokenizer.decode(example["input_ids"])
         assert refusal.startswith(prompts[row]) and sample.startswith(prompts[row])
         assert assign_refusal(row)[:15] in refusal  # consecutive rows get different openings
         # Loss only on the refusal answer
-        answer = [t for t, label in zip(example["refusal_input_ids"], example["refusal_labels"]) if label != -100]
+        answer = [t for t, label in zip(view["input_ids"], view["labels"]) if label != -100]
         assert tokenizer.decode(answer).strip().startswith(assign_refusal(row)[:15])
 
 
@@ -187,11 +195,11 @@ def test_conversational_and_custom_pool(tmp_path):
     )
     tokenizer = build_tokenizer()
     for example in trainer.train_dataset:
-        refusal = tokenizer.decode(example["refusal_input_ids"])
+        refusal = tokenizer.decode(trainer.refusal_view.row(example["_trl_safety_row"])["input_ids"])
         assert ["sorry cannot help", "sorry i refuse"][example["_trl_safety_row"] % 2] in refusal
         assert "<|im_start|>assistant" in refusal
     trainer.train()
-    assert "harmful_weight_share" not in trainer.state.log_history[0]  # no flag column
+    assert "antibody/harmful_weight_share" not in trainer.state.log_history[0]  # no flag column
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -208,7 +216,9 @@ def test_train_save_and_card(tmp_path, mode):
     for name, param in trainer.model.named_parameters():
         assert torch.equal(param, before[name]) != param.requires_grad, name
     logs = trainer.state.log_history[0]
-    assert 0 <= logs["harmful_weight_share"] <= 1 and 0 < logs["weight_entropy"] <= math.log(4) + 1e-6
+    assert (
+        0 <= logs["antibody/harmful_weight_share"] <= 1 and 0 < logs["antibody/weight_entropy"] <= math.log(4) + 1e-6
+    )
     trainer.save_model()
     with open(os.path.join(tmp_path, "defense_config.json")) as f:
         info = json.load(f)
@@ -231,6 +241,17 @@ def test_train_save_and_card(tmp_path, mode):
 def test_unsupported_inputs_are_refused(tmp_path, dataset, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_trainer(tmp_path, dataset=dataset(6), **kwargs)
+
+
+def test_own_loss_function_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        AntibodyTrainer(
+            build_model(seed=0),
+            tiny_config(tmp_path, AntibodyConfig),
+            train_dataset=flagged_dataset(),
+            processing_class=build_tokenizer(),
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss,
+        )
 
 
 def test_config_validation(tmp_path):

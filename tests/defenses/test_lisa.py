@@ -9,7 +9,6 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from testing_utils import build_model, build_tokenizer, prompt_completion_dataset, tiny_config
 from transformers import TrainerCallback
-from trl import SFTTrainer
 
 from trl_safety import LisaConfig, LisaTrainer
 from trl_safety.core.state_io import load_defense_state
@@ -115,7 +114,7 @@ def test_phases_batches_and_proximal_gradient(tmp_path, mode):
     trainer.train()
 
     # Phase sequence, as logged and as derived from the batches actually trained on
-    phases = [log["alignment_phase"] for log in trainer.state.log_history if "alignment_phase" in log]
+    phases = [log["lisa/alignment_phase"] for log in trainer.state.log_history if "lisa/alignment_phase" in log]
     assert phases == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
     align_rows, user_rows = rows(trainer.alignment_dataset), rows(trainer.train_dataset)
     assert not align_rows & user_rows
@@ -144,7 +143,7 @@ def test_phases_batches_and_proximal_gradient(tmp_path, mode):
             torch.testing.assert_close(recorder.grads[s][name], grad, rtol=1e-5, atol=atol, msg=f"step {s} {name}")
     # The proximal term did act: some step's weights are away from their anchor
     assert any((recorder.weights[s][n] - recorder.weights[s - 1][n]).abs().max() > 0 for s in (3, 5) for n in expected)
-    proximal = [log["proximal_term"] for log in trainer.state.log_history if "proximal_term" in log]
+    proximal = [log["lisa/proximal_term"] for log in trainer.state.log_history if "lisa/proximal_term" in log]
     assert proximal[0] == 0.0 and proximal[1] == 0.0 and proximal[3] > 0.0
     # Its logged value is ρ/2‖w − anchor‖² at the step's weights
     anchor = recorder.weights[2]
@@ -153,35 +152,6 @@ def test_phases_batches_and_proximal_gradient(tmp_path, mode):
     assert proximal[3] == pytest.approx(float(manual), rel=1e-5)
     # Hooks are removed after training
     assert all(not p._backward_hooks for p in trainer.model.parameters() if p.requires_grad)
-
-
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_rho_zero_no_alignment_equals_sft(tmp_path, mode):
-    common = dict(max_steps=3, gradient_accumulation_steps=2, per_device_train_batch_size=2)
-    peft_config = lora_config() if mode == "lora" else None
-    sft = SFTTrainer(
-        build_model(seed=0),
-        tiny_config(tmp_path / "sft", **common),
-        train_dataset=prompt_completion_dataset(8),
-        processing_class=build_tokenizer(),
-        peft_config=peft_config,
-    )
-    sft.train()
-    lisa = LisaTrainer(
-        build_model(seed=0),
-        tiny_config(tmp_path / "lisa", LisaConfig, rho=0.0, alignment_steps=0, finetune_steps=5, **common),
-        train_dataset=prompt_completion_dataset(8),
-        alignment_dataset=alignment_dataset(),
-        processing_class=build_tokenizer(),
-        peft_config=peft_config,
-    )
-    lisa.train()
-    sft_params = dict(sft.model.named_parameters())
-    changed = False
-    for name, param in lisa.model.named_parameters():
-        assert torch.equal(param, sft_params[name]), name
-        changed |= param.requires_grad
-    assert changed
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -226,7 +196,7 @@ def test_resume_is_bit_exact(tmp_path, mode):
     for name, param in straight.model.named_parameters():
         assert torch.equal(param, resumed_params[name]), name
     # The restored log history holds steps 1-3; the resumed run logged steps 4-6
-    phases = [log["alignment_phase"] for log in resumed.state.log_history if "alignment_phase" in log]
+    phases = [log["lisa/alignment_phase"] for log in resumed.state.log_history if "lisa/alignment_phase" in log]
     assert phases == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
 
 

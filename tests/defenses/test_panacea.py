@@ -129,17 +129,6 @@ def test_reentrant_checkpointing(tmp_path):
     assert_close(actual, expected)
 
 
-def test_strength_zero_equals_sft(tmp_path):
-    common = dict(max_steps=3)
-    panacea = make_trainer(tmp_path / "p", lamb=0.0, add_eps=False, **common)
-    panacea.train()
-    sft = make_trainer(tmp_path / "s", plain_sft=True, **common)
-    sft.train()
-    for (name, p), (_, q) in zip(panacea.model.named_parameters(), sft.model.named_parameters()):
-        assert torch.equal(p, q), name
-    assert panacea._harmful_batches.position == 0
-
-
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_eps_added_at_train_end_and_saved(tmp_path, peft):
     without = make_trainer(tmp_path / "a", peft=peft, max_steps=3, add_eps=False)
@@ -155,7 +144,7 @@ def test_eps_added_at_train_end_and_saved(tmp_path, peft):
             # bit-equal), and w + ε is one correctly rounded fp32 add on every kernel (docs/testing.md)
             torch.testing.assert_close(p, without.model.state_dict()[name] + eps[name], rtol=0, atol=0)
     logged = {k for entry in with_eps.state.log_history for k in entry}
-    assert {"harmful_loss", "harmful_loss_perturbed", "harmful_grad_norm"} <= logged
+    assert {"panacea/harmful_loss", "panacea/harmful_loss_perturbed", "panacea/harmful_grad_norm"} <= logged
     with_eps.save_model()
     with_eps.create_model_card()
     out = tmp_path / "b"

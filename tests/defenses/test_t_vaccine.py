@@ -8,7 +8,6 @@ import pytest
 import torch
 from peft import LoraConfig
 from testing_utils import build_model, build_tokenizer, prompt_completion_dataset, tiny_config
-from trl import SFTConfig, SFTTrainer
 
 from trl_safety import TVaccineConfig, TVaccineTrainer
 
@@ -201,16 +200,6 @@ def test_too_many_active_layers_is_a_clear_error(tmp_path):
         make_trainer(tmp_path, num_active_layers=5)
 
 
-def test_rho_zero_is_plain_sft(tmp_path):
-    common = dict(max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2)
-    tvaccine = make_trainer(tmp_path / "t", rho=0.0, **common)
-    tvaccine.train()
-    sft = make_trainer(tmp_path / "s", trainer_class=SFTTrainer, config_class=SFTConfig, **common)
-    sft.train()
-    for (name, a), (_, b) in zip(tvaccine.model.named_parameters(), sft.model.named_parameters()):
-        assert torch.equal(a, b), name
-
-
 def test_resume_equals_uninterrupted(tmp_path):
     """Train 4 steps (checkpoint at 2) == resume from checkpoint 2 and train 2 more; sampler state included."""
     common = dict(
@@ -241,8 +230,8 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_train_and_save(tmp_path, peft):
     trainer = make_trainer(tmp_path, peft=peft, rho=3.0, max_steps=3, resample_interval=1)
     trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "t_vaccine/unperturbed_loss" in entry]
-    assert len(logged) == 3 and "t_vaccine/harmful_loss" in trainer.state.log_history[0]
+    logged = [entry for entry in trainer.state.log_history if "t-vaccine/unperturbed_loss" in entry]
+    assert len(logged) == 3 and "t-vaccine/harmful_loss" in trainer.state.log_history[0]
     # After training every parameter is trainable again and checkpointing flags are back to the user's
     assert all(p.requires_grad for n, p in trainer.model.named_parameters() if "lora" in n or not peft)
     assert not any(layer.gradient_checkpointing for layer in trainer._layers)
@@ -291,5 +280,5 @@ def test_rescoring_while_inactive_layers_are_checkpointed(tmp_path, checkpointin
         harmful_dataset=prompt_completion_dataset(4, seed=1),
     )
     trainer.train()
-    scored = [entry for entry in trainer.state.log_history if "t_vaccine/harmful_loss" in entry]
+    scored = [entry for entry in trainer.state.log_history if "t-vaccine/harmful_loss" in entry]
     assert len(scored) == 3  # one scoring pass per step, each after a step that checkpointed inactive layers

@@ -9,7 +9,6 @@ import pytest
 import torch
 from peft import LoraConfig
 from testing_utils import build_model, build_tokenizer, prompt_completion_dataset, tiny_config
-from trl import SFTConfig, SFTTrainer
 
 from trl_safety import VaccineConfig, VaccineTrainer
 
@@ -201,16 +200,6 @@ def test_random_vaccine_adds_gaussian_noise_of_variance_rho(tmp_path):
     # in the recovered ε, observed ≤ 1.5e-8 on the gradients; rtol 1e-4 / atol 1e-6 have > 100× margin)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
-
-
-def test_rho_zero_is_plain_sft(tmp_path):
-    common = dict(max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2)
-    vaccine = make_trainer(tmp_path / "v", rho=0.0, **common)
-    vaccine.train()
-    sft = make_trainer(tmp_path / "s", trainer_class=SFTTrainer, config_class=SFTConfig, **common)
-    sft.train()
-    for (name, a), (_, b) in zip(vaccine.model.named_parameters(), sft.model.named_parameters()):
-        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])

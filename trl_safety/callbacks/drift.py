@@ -19,6 +19,9 @@ from .logging_utils import log_metrics
 logger = logging.getLogger(__name__)
 
 POSITIONS = ("layer", "attention")
+# The callback's metric namespace: the mean under the bare name, each layer under `<namespace>/layer_{l}`
+# (`docs/design/architecture.md` §14)
+METRIC_NAMESPACE = "embedding_drift"
 _PROMPT_COLUMNS = ("prompt", "messages", "text")
 
 
@@ -41,7 +44,8 @@ class EmbeddingDriftCallback(TrainerCallback):
     its attention module (after `o_proj`, before the residual add: where Vaccine perturbs). The step-0 value is
     logged at train begin from a second forward pass; it is exactly zero unless the forward is non-deterministic.
 
-    Logged keys: `embedding_drift` and `embedding_drift/layer_{l}` (l = decoder-layer index).
+    Logged keys: `embedding_drift` and `embedding_drift/layer_{l}` (l = decoder-layer index), the callbacks' metric
+    convention (`docs/design/architecture.md` §14).
 
     Measurement runs under `torch.no_grad()` with every module in eval mode (dropout off), then restores each
     module's previous train/eval flag. Prompts are right-padded and padding is masked out, so the values do not
@@ -158,8 +162,8 @@ class EmbeddingDriftCallback(TrainerCallback):
                 # L2 over the hidden dimension, in float64 so the average does not depend on the batch layout
                 norms = torch.linalg.vector_norm(h.double() - h0.double(), dim=-1)
                 sums[position] += float(norms[mask].sum())
-        per_layer = {f"embedding_drift/layer_{index}": s / num_tokens for index, s in zip(self._layer_indices, sums)}
-        metrics = {"embedding_drift": math.fsum(per_layer.values()) / len(per_layer)}
+        per_layer = {f"{METRIC_NAMESPACE}/layer_{i}": s / num_tokens for i, s in zip(self._layer_indices, sums)}
+        metrics = {METRIC_NAMESPACE: math.fsum(per_layer.values()) / len(per_layer)}
         metrics.update(per_layer)
         return metrics
 
@@ -168,7 +172,7 @@ class EmbeddingDriftCallback(TrainerCallback):
         self._last_step = state.global_step
         self.history.append((state.global_step, dict(metrics)))
         log_metrics(self.trainer, state, control, metrics)
-        logger.info("Embedding drift at step %d: %.6g", state.global_step, metrics["embedding_drift"])
+        logger.info("Embedding drift at step %d: %.6g", state.global_step, metrics[METRIC_NAMESPACE])
 
     def _modules(self, model) -> list[torch.nn.Module]:
         if self.position == "attention":

@@ -9,7 +9,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback
 
 from ..core.distributed import deepspeed_zero_stage
-from ..eval.harmful_score import harmful_score
+from ..eval import evaluation
 from ..eval.judges import Judge, load_judge
 from .logging_utils import log_metrics
 
@@ -124,19 +124,17 @@ class HarmfulScoreCallback(TrainerCallback):
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap their tokenizer
         if model is None or tokenizer is None:
             raise ValueError("HarmfulScoreCallback needs the model and a tokenizer (pass `tokenizer=`).")
-        result = harmful_score(
+        result = evaluation.evaluate_model(
             model,
             tokenizer,
-            self.prompts,
-            self.judge,
+            harmful_prompts=self.prompts,
+            judge=self.judge,
             categories=self.categories,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             prompt_format=self.prompt_format,
             progress=False,
         )
-        metrics = {self.metric_name: result.score}
-        metrics.update({f"{self.metric_name}/{name}": value for name, value in result.per_category.items()})
-        self.history.append((state.global_step, result.score))
-        log_metrics(self.trainer, state, control, metrics)
-        logger.info("Harmful score at step %d: %.2f%%", state.global_step, result.score)
+        self.history.append((state.global_step, result.harmful_score))
+        log_metrics(self.trainer, state, control, result.harmful_metrics(self.metric_name))
+        logger.info("Harmful score at step %d: %.2f%%", state.global_step, result.harmful_score)

@@ -23,33 +23,8 @@ import warnings
 from trl_safety.cli.checks import UsageError, check_dataset, check_judge, check_model
 
 
-# Flags whose name differs from the BenchConfig field
+# Flags whose name differs from the BenchConfig field (each field's help is in its metadata)
 ALIASES = {"steps": "finetune_steps", "lr": "finetune_lr"}
-HELP = {
-    "defenses": "Defenses to run (registry names, space- or comma-separated); default: every registered defense. "
-    "The sft and no-alignment baselines always run.",
-    "p": "Harmful ratio of the poisoned fine-tuning data.",
-    "sweep": "Several harmful ratios to run (the --p value is always included), e.g. --sweep 0 0.05 0.1 0.2.",
-    "n": "Number of fine-tuning samples.",
-    "seed": "Seed of data sampling, mixing and training.",
-    "output_dir": "Folder for results.json and tradeoff.png.",
-    "world_seed": "Seed of the toy world (its splits; the base model is cached per world seed).",
-    "cache_dir": "Toy base-model cache (default $TRL_SAFETY_TOY_CACHE or ~/.cache/trl_safety/toy).",
-    "finetune_steps": "Fine-tuning steps (--steps); 0/none: use --finetune_epochs.",
-    "align_steps": "Alignment steps; 0/none: use --align_epochs.",
-    "model": "A Hub id or local path of a real causal LM: switches to real-model mode with the canonical protocol's "
-    "defaults (docs/design/algorithms.md §6.5), each overridable by its flag.",
-    "alignment_dataset": "Real mode: the paired-refusal file (Hub id or local path).",
-    "harmful_dataset": "Real mode: BeaverTails (Hub id or local path) for the attack rows.",
-    "eval_dataset": "Real mode: source of the harmful-score prompts (default: the harmful dataset's 30k_test).",
-    "task": "Real mode: user task (sst2, agnews, gsm8k).",
-    "task_dataset": "Real mode: local copy of the task dataset.",
-    "judge": "Harmful-score judge: keyword, beaver-dam, or a classifier path (see trl_safety.eval.load_judge).",
-    "lora_r": "LoRA rank of the fine-tuning adapter (0: full fine-tuning).",
-    "align_lora_r": "LoRA rank of the alignment adapter (0: full fine-tuning).",
-    "lora_mode": "double: merge the alignment adapter and train a fresh one; single: keep training it.",
-    "template": "Real mode: prompt template of the data and of generation (alpaca, alpaca_newline, chat).",
-}
 
 
 def _parse_bool(value: str) -> bool:
@@ -65,7 +40,7 @@ def _optional_int(value: str) -> int | None:
 
 
 def make_parser(prog: str = "trl-safety bench") -> argparse.ArgumentParser:
-    from trl_safety.toy.bench import BenchConfig
+    from trl_safety.bench import BenchConfig
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -79,7 +54,7 @@ def make_parser(prog: str = "trl-safety bench") -> argparse.ArgumentParser:
         names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
         if f.name in reverse_alias:
             names |= {f"--{reverse_alias[f.name]}"}
-        kwargs = dict(default=argparse.SUPPRESS, dest=f.name, help=HELP.get(f.name, ""))
+        kwargs = dict(default=argparse.SUPPRESS, dest=f.name, help=f.metadata.get("help", ""))
         kind = str(f.type)
         if f.name in ("defenses", "lora_target_modules"):
             kwargs.update(nargs="+")
@@ -105,7 +80,7 @@ def make_parser(prog: str = "trl-safety bench") -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from trl_safety.toy.bench import BenchConfig, real_defaults
+    from trl_safety.bench import BenchConfig, real_defaults
 
     given = {k: v for k, v in vars(args).items() if k != "verbose"}
     if given.get("defenses"):
@@ -143,11 +118,11 @@ def run(argv: list[str], prog: str = "trl-safety bench", command: str | None = "
     check_bench_config(config)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
-    from trl_safety.toy.bench import format_table, run_bench
+    from trl_safety.bench import format_table, run_bench
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' checkpointing-flag rename, per config
     if config.toy:
-        from trl_safety.toy.bench import toy_recipe
+        from trl_safety.bench import toy_recipe
         from trl_safety.toy.model import WORLD_FILE, base_model_path
 
         path = base_model_path(config.cache_dir, config.world_seed, toy_recipe(config))

@@ -181,8 +181,7 @@ def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: s
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from trl_safety.data import TASK_TEST_SPLITS, load_task_dataset
-    from trl_safety.eval import harmful_score
-    from trl_safety.eval.task_accuracy import finetune_accuracy
+    from trl_safety.eval import TaskSet, evaluation
 
     template = args.template or protocol.template
     template = None if template == "none" else template
@@ -198,21 +197,14 @@ def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: s
         "max_new_tokens": max_new_tokens,
         "seconds": {},
     }
-    generation = dict(max_new_tokens=max_new_tokens, batch_size=args.batch_size, progress=not args.no_progress)
 
+    # each part's time counts its data loading, as the report has always measured it
+    loading = {}
+    prompts = categories = task = None
     if not args.no_harmful_score:
         start = time.perf_counter()
         prompts, categories = load_prompt_set(args, protocol)
-        result = harmful_score(
-            model, tokenizer, prompts, judge, categories=categories, prompt_format=template, **generation
-        )
-        data = result.to_dict()
-        if args.no_responses:
-            data.pop("responses")
-        report["harmful_score"] = data
-        report["seconds"]["harmful_score"] = round(time.perf_counter() - start, 3)
-        print(f"harmful score: {result.score:.2f}% of {result.num_prompts} prompts (judge: {result.judge})")
-
+        loading["harmful_score"] = time.perf_counter() - start
     if args.task:
         start = time.perf_counter()
         split, size = TASK_TEST_SPLITS[args.task]
@@ -220,14 +212,40 @@ def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: s
         dataset = load_task_dataset(args.task, args.task_split or split, template=template, **kwargs)
         # the papers take the first `size` rows ("first 1000" of SST2's 872 validation rows means all of them)
         count = args.num_task_samples if args.num_task_samples is not None else min(size, len(dataset))
-        dataset = dataset.select(range(count))
-        accuracy = finetune_accuracy(model, tokenizer, args.task, dataset, **generation)
-        data = accuracy.to_dict()
+        task = TaskSet.from_dataset(args.task, dataset.select(range(count)))  # prompts already templated
+        loading["finetune_accuracy"] = time.perf_counter() - start
+
+    result = evaluation.evaluate_model(
+        model,
+        tokenizer,
+        harmful_prompts=prompts,
+        judge=judge,
+        categories=categories,
+        task=task,
+        max_new_tokens=max_new_tokens,
+        batch_size=args.batch_size,
+        prompt_format=template,
+        progress=not args.no_progress,
+    )
+    if result.harmful is not None:
+        data = result.harmful.to_dict()
+        if args.no_responses:
+            data.pop("responses")
+        report["harmful_score"] = data
+        print(
+            f"harmful score: {result.harmful_score:.2f}% of {result.harmful.num_prompts} prompts "
+            f"(judge: {result.harmful.judge})"
+        )
+    if result.task is not None:
+        data = result.task.to_dict()
         if args.no_responses:
             data.pop("outputs")
         report["finetune_accuracy"] = data
-        report["seconds"]["finetune_accuracy"] = round(time.perf_counter() - start, 3)
-        print(f"fine-tune accuracy ({args.task}): {accuracy.accuracy:.2f}% of {len(accuracy.correct)} samples")
+        print(
+            f"fine-tune accuracy ({args.task}): {result.finetune_accuracy:.2f}% of {len(result.task.correct)} samples"
+        )
+    for part, seconds in result.seconds.items():
+        report["seconds"][part] = round(loading[part] + seconds, 3)
 
     output = args.output or (os.path.join(args.model, "eval_report.json") if os.path.isdir(args.model) else None)
     if output is None:

@@ -130,16 +130,16 @@ def save_repaired(model, tokenizer, spec, config, args: PruneArguments, is_adapt
             datasets[role.replace("_", " ")] = getattr(args, role)
     info = {
         "defense": spec.name,
-        "title": getattr(spec.config_class, "_name", spec.name),
+        "title": spec.title,
         "stage": spec.stage,
         "trainer": f"trl-safety prune --defense {spec.name}",
         "hyperparameters": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
         "datasets": datasets,
-        "paper": dict(getattr(spec.config_class, "_paper", {})),
+        "paper": dict(spec.paper),
         "base_model": base_name,
         "is_adapter": is_adapter,
         "repaired_model": args.model,
-        "licence_notes": [],
+        "licence_notes": list(spec.licence_notes),
     }
     with open(os.path.join(args.output_dir, DEFENSE_CONFIG_NAME), "w") as f:
         json.dump(info, f, indent=2, sort_keys=True, default=str)

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..compat import remove_unused_columns
+
 
 class EpochPermutationSampler(Sampler[int]):
     """A random permutation per epoch, seeded by `(seed, epoch)` only.
@@ -54,7 +56,7 @@ class CyclingBatches:
             raise ValueError(f"The {description} dataset is empty.")
         self.description = description
         self.sampler = EpochPermutationSampler(len(dataset), seed, shuffle)
-        dataset = trainer._remove_unused_columns(dataset, description=description)
+        dataset = remove_unused_columns(trainer, dataset, description)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,

@@ -8,23 +8,16 @@ ordinary logits otherwise, so they also work on models no trainer has touched.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Mapping
 
 import torch
 from torch import nn
-from trl.trainer.utils import FusedCausalLMOutput
 
-from .layers import unwrap_model
+from ..compat import FusedCausalLMOutput, fused_forward, uses_fused_lm_head
 
 
 # Keys of an SFT batch that are bookkeeping, not model inputs
 _NON_MODEL_KEYS = ("num_items_in_batch",)
-
-
-def has_fused_lm_head(model: nn.Module) -> bool:
-    """Whether `SFTTrainer` patched this model's forward with the fused LM head."""
-    return isinstance(vars(unwrap_model(model)).get("forward"), types.MethodType)
 
 
 def lm_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> FusedCausalLMOutput:
@@ -35,8 +28,8 @@ def lm_forward(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> FusedCau
     inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
     if "labels" not in inputs:
         raise ValueError("lm_forward needs `labels` in the batch (use -100 for positions without loss).")
-    if has_fused_lm_head(model):
-        return model(**inputs, fused_lm_head=True, use_cache=False)
+    if uses_fused_lm_head(model):
+        return fused_forward(model, **inputs)
     labels = inputs.pop("labels")
     logits = model(**inputs, use_cache=False).logits[:, :-1]
     labels = labels[:, 1:]

@@ -12,9 +12,11 @@ Two steps, both side-effect free:
 Apply the result with [`~trl_safety.core.hooks.add_to_outputs`] around the real forward/backward, and keep the hooks in
 place until that backward has finished: non-reentrant checkpointing re-runs the forward during backward.
 
+[`vaccine_perturbation`] is the whole Vaccine step for a trainer (Vaccine, T-Vaccine, Booster's `perturb_aware`):
+
 ```python
-grads, probe_loss = activation_gradients(accelerator.unwrap_model(model), inputs, modules, layers=layers)
-with add_to_outputs(modules, vaccine_perturbations(grads, rho)):
+perturbation = vaccine_perturbation(accelerator.unwrap_model(model), inputs, modules, rho, layers=layers)
+with perturbation.applied():
     loss = super().training_step(model, inputs, num_items_in_batch)  # the one real backward
 ```
 """
@@ -22,20 +24,23 @@ with add_to_outputs(modules, vaccine_perturbations(grads, rho)):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .hooks import first_tensor, gradient_checkpointing_disabled, replace_first
+from .hooks import add_to_outputs, first_tensor, gradient_checkpointing_disabled, replace_first
 from .losses import lm_loss
 
 
 __all__ = [
+    "VaccinePerturbation",
     "activation_gradients",
     "gaussian_output_noise",
     "joint_norm",
     "needs_full_activations",
+    "vaccine_perturbation",
     "vaccine_perturbations",
 ]
 
@@ -148,6 +153,57 @@ def vaccine_perturbations(grads: Sequence[torch.Tensor], rho: float) -> list[tor
     norm = joint_norm(grads)
     scale = rho / (norm + 1e-7)
     return [(g.float() * scale).to(g.dtype).detach() for g in grads]
+
+
+@dataclass
+class VaccinePerturbation:
+    """Vaccine's worst-case perturbation of one batch: ε_l for each module, and the probe that produced it.
+
+    Valid only for the exact batch it was computed on (ε is token- and sample-specific).
+
+    Attributes:
+        modules: the hooked modules.
+        grads: ∂L/∂e_l of the probe, per module (detached).
+        deltas: ε_l = ρ · g_l / (‖(g_1, …, g_L)‖ + 1e-7), per module (detached).
+        probe_loss: the unperturbed loss of the probe forward (detached).
+    """
+
+    modules: Sequence[nn.Module]
+    grads: list[torch.Tensor]
+    deltas: list[torch.Tensor]
+    probe_loss: torch.Tensor
+
+    @property
+    def grad_norm(self) -> torch.Tensor:
+        """‖(g_1, …, g_L)‖, the joint norm of the activation gradients."""
+        return joint_norm(self.grads)
+
+    @property
+    def perturbation_norm(self) -> torch.Tensor:
+        """‖(ε_1, …, ε_L)‖ (= ρ up to the 1e-7 guard)."""
+        return joint_norm(self.deltas)
+
+    def applied(self) -> AbstractContextManager[None]:
+        """Add ε_l to each module's output while the block runs; keep it open until the real backward has ended."""
+        return add_to_outputs(self.modules, self.deltas)
+
+
+def vaccine_perturbation(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    modules: Sequence[nn.Module],
+    rho: float,
+    *,
+    layers: Sequence[nn.Module] = (),
+    loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] = lm_loss,
+    autocast: Callable[[], object] | None = None,
+) -> VaccinePerturbation:
+    """The Vaccine step's probe: [`activation_gradients`] then [`vaccine_perturbations`] at radius `rho`.
+
+    Arguments as for [`activation_gradients`] (`model` is the bare module).
+    """
+    grads, probe_loss = activation_gradients(model, inputs, modules, layers=layers, loss_fn=loss_fn, autocast=autocast)
+    return VaccinePerturbation(list(modules), grads, vaccine_perturbations(grads, rho), probe_loss)
 
 
 @contextmanager

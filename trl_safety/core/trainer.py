@@ -26,6 +26,7 @@ from datasets import Dataset, IterableDataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig
 
+from .. import compat
 from ..data.loading import get_dataset_adapter, load_role_dataset
 from .batches import CyclingBatches
 from .card import DEFENSE_CONFIG_NAME, build_model_card, find_results, licence_notes_for
@@ -146,8 +147,8 @@ def check_trainable_tokens(trainer, dataset, role: str, raw=None, formatting_fun
         probe_args.dataset_num_proc = None
         try:
             sample = raw.select(range(min(16, len(raw))))
-            untruncated = trainer._prepare_dataset(
-                sample, trainer.processing_class, probe_args, False, formatting_func, f"{role} check (trl_safety)"
+            untruncated = compat.prepare_dataset(
+                trainer, sample, probe_args, f"{role} check (trl_safety)", formatting_func
             )
             truncation = bool(has_trainable_token(untruncated))
         except Exception:  # the diagnosis is best effort; the error below stands either way
@@ -164,7 +165,7 @@ def check_trainable_tokens(trainer, dataset, role: str, raw=None, formatting_fun
         if "labels" in raw_columns:  # TRL uses a dataset's own labels as they are
             fixes.append("the dataset's own `labels` column is -100 on every token the loss uses: fix those labels")
         else:
-            if getattr(trainer, "completion_only_loss", False) and raw_columns & {"completion", "completion_mask"}:
+            if compat.completion_only_loss(trainer) and raw_columns & {"completion", "completion_mask"}:
                 fixes.append(
                     "`completion_only_loss` trains on completion tokens only and none is left: give non-empty "
                     "completions or set `completion_only_loss=False`"
@@ -187,15 +188,9 @@ def check_trainable_tokens(trainer, dataset, role: str, raw=None, formatting_fun
 
 
 def _registered_defense_of(config) -> str | None:
-    from ..registry import list_defenses
-
-    for spec in list_defenses():
-        if type(config) is spec.config_class:
-            return spec.name
-    for spec in list_defenses():
-        if isinstance(config, spec.config_class):
-            return spec.name
-    return None
+    # `register_defense` writes the spec onto its config class; a subclass finds its nearest registered base
+    spec = getattr(type(config), "defense_spec", None)
+    return spec.name if spec is not None else None
 
 
 def check_config_class(trainer_class: type, config_class: type, args) -> None:
@@ -213,10 +208,14 @@ def check_config_class(trainer_class: type, config_class: type, args) -> None:
 class DefenseTrainerMixin:
     """Mixin placed before `SFTTrainer` in every defense trainer's bases.
 
-    Subclasses set the class attributes below and may override [`setup_defense`], [`defense_state_dict`] and
-    [`load_defense_state_dict`].
+    Subclasses set the mechanics attributes below (`extra_datasets`, `unsupported_backends`, …) and may override
+    [`setup_defense`], [`defense_state_dict`] and [`load_defense_state_dict`]. The identity attributes
+    (`defense_spec`, `defense_name`, `stage`, `config_class`, `_name`, `_paper`, `_tag_names`, `licence_notes`) are
+    written by `register_defense` from the defense's `DefenseSpec`; the defaults here are plain SFT's, for a subclass
+    that is not registered.
     """
 
+    defense_spec: ClassVar[Any] = None  # the registered `DefenseSpec`
     defense_name: ClassVar[str] = ""
     stage: ClassVar[str] = ""
     config_class: ClassVar[type] = SFTConfig
@@ -224,6 +223,10 @@ class DefenseTrainerMixin:
     extra_datasets: ClassVar[tuple[str, ...]] = ()
     # Backends (`ddp`, `zero1`, `zero2`, `zero3`, `fsdp`) this defense refuses, with the reason shown to the user
     unsupported_backends: ClassVar[dict[str, str]] = {}
+    # Why the update of GA 2 × batch B differs from GA 1 × batch 2B even when every row is the same (a norm taken
+    # over the micro-batch, a draw or a state update per micro-batch); empty when splitting a step changes nothing
+    # but the arithmetic. The contract tests check GA at the neutral settings for such a defense.
+    split_dependence: ClassVar[str] = ""
     # FSDP cannot be exercised without GPUs; a defense opts in once it has been verified there
     fsdp_verified: ClassVar[bool] = False
     # The defense looks up the decoder layers (hooks, layer selection, or the reentrant-checkpointing workaround of
@@ -265,6 +268,8 @@ class DefenseTrainerMixin:
                 )
         self._dataset_sources: dict[str, str] = {}
         raw = {role: self._load_extra_dataset(role, given[role], args) for role in self.extra_datasets}
+        # As loaded, before TRL's preparation: a defense builds second views of them in `setup_defense`
+        self.raw_extra_datasets: dict[str, Dataset] = raw
 
         raw_train = positional[1] if len(positional) > 1 else kwargs.get("train_dataset")
 
@@ -279,12 +284,10 @@ class DefenseTrainerMixin:
                 f"Supported backends: {', '.join(self.supported_backends())}."
             )
         if self.train_dataset is not None:
-            formatting_func = getattr(self, "_formatting_func", None)
+            formatting_func = compat.formatting_func(self)
             check_trainable_tokens(self, self.train_dataset, "train", raw_train, formatting_func)
         for role, dataset in raw.items():
-            prepared = self._prepare_dataset(
-                dataset, self.processing_class, self.args, False, None, f"{role} (trl_safety)"
-            )
+            prepared = compat.prepare_dataset(self, dataset, self.args, f"{role} (trl_safety)")
             check_trainable_tokens(self, prepared, role, dataset)
             setattr(self, f"{role}_dataset", prepared)
         if self.locates_layers:
@@ -294,7 +297,8 @@ class DefenseTrainerMixin:
 
     # ----------------------------------------------------------------------------------------------- extension points
     def setup_defense(self) -> None:
-        """Create the defense's state (samplers, snapshots, loaders). Called at the end of `__init__`."""
+        """Create the defense's state (samplers, snapshots, loaders). Called at the end of `__init__`, after every
+        dataset was prepared and checked; `self.raw_extra_datasets[role]` holds each extra dataset as loaded."""
 
     def uses_attention_modules(self) -> bool:
         """Whether the defense, as configured, hooks each layer's `<attention_attr>` submodule (checked at
@@ -344,19 +348,30 @@ class DefenseTrainerMixin:
         refused = cls.refused_backends()
         return [b for b in ("single", "ddp", "zero1", "zero2", "zero3", "fsdp") if b not in refused]
 
-    def log_metric(self, name: str, value: float | torch.Tensor) -> None:
-        """Log a defense metric through SFTTrainer's metric buffer (averaged over the logging interval)."""
+    def log_metric(self, name: str, value: float | torch.Tensor, mode: str | None = None) -> None:
+        """Log `<defense_name>/<name>` through SFTTrainer's metric buffer (averaged over the logging interval).
+
+        `name` is the bare metric name: the prefix is added here, so a name containing `/` is refused
+        (`docs/design/architecture.md` §14). `mode` (`"train"` / `"eval"`) defaults to the model's current mode.
+        """
+        if "/" in name:
+            raise ValueError(
+                f"{type(self).__name__}.log_metric got {name!r}: pass the bare metric name, "
+                f"`log_metric` adds the {self.defense_name!r}/ prefix itself."
+            )
+        if not self.defense_name:
+            raise TypeError(f"{type(self).__name__} has no `defense_name` to prefix its metrics with.")
         if isinstance(value, torch.Tensor):
             value = value.detach().float().item()
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode][name].append(float(value))
+        mode = mode or ("train" if self.model.training else "eval")
+        compat.metrics_buffer(self, mode)[f"{self.defense_name}/{name}"].append(float(value))
 
     def cycling_batches(self, role: str, batch_size: int | None = None) -> CyclingBatches:
         """An endless, resumable loader over the prepared `<role>` dataset."""
         return CyclingBatches(
             self,
             getattr(self, f"{role}_dataset"),
-            batch_size=batch_size or self._train_batch_size,
+            batch_size=batch_size or compat.train_batch_size(self),
             description=role,
             seed=self.args.seed,
         )
@@ -385,7 +400,7 @@ class DefenseTrainerMixin:
     # --------------------------------------------------------------------------------------- checkpoints and resume
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        folder = compat.checkpoint_folder(self, trial)
         if self.is_world_process_zero():
             save_defense_state(folder, self.defense_name, self.defense_state_dict())
 

@@ -11,32 +11,42 @@ add a combination of those gradients to the training gradient. The pieces, each 
    logged loss is unchanged, and its gradient is exactly `c`: the extra gradient rides along the ONE real backward
    (`docs/design/integration.md` §4.4), with normal GA/DDP/DeepSpeed semantics.
 
+[`HarmfulWeightStep`] puts 1–2 together (the simulated harmful step, with its lazily allocated snapshot) and
+[`PendingGradientMixin`] does 3 for a trainer, so a defense only says how it combines the gradients (Booster):
+
 ```python
-params = list(trainable_parameters(bare).values())
-g, h0 = parameter_gradients(bare, harmful, params)
-with shifted_parameters(snapshot, normalized_step(g, -alpha)):
-    g_moved, h1 = parameter_gradients(bare, harmful, params)
-extra = [lamb * (a - b) for a, b in zip(g, g_moved)]
-# in compute_loss: loss = loss + value_neutral_term(params, extra) * extra_term_scale(self, num_items_in_batch)
+class BoosterTrainer(PendingGradientMixin, DefenseTrainerMixin, SFTTrainer):
+    def setup_defense(self):
+        self.setup_weight_perturbation()
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = self.harmful_weight_step(model, next(self._harmful_batches), -self.args.alpha)
+        extra = [self.args.lamb * (g - m) for g, m in zip(step.grads, step.moved_grads)]
+        return self.training_step_with_gradient(model, inputs, num_items_in_batch, extra)
 ```
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .. import compat
+from ..compat import current_accumulation_steps, prepare_inputs
 from .hooks import gradient_checkpointing_disabled
 from .layers import get_decoder_layers
 from .losses import lm_loss
 from .perturbation import joint_norm, needs_full_activations
-from .snapshot import ParameterSnapshot
+from .snapshot import ParameterSnapshot, trainable_parameters
 
 
 __all__ = [
+    "HarmfulStep",
+    "HarmfulWeightStep",
+    "PendingGradientMixin",
     "all_reduce_mean",
     "cosine_similarity",
     "extra_term_scale",
@@ -145,36 +155,199 @@ def extra_term_scale(trainer, num_items_in_batch) -> float:
     normalised by the token count of the whole accumulated batch). A per-micro-batch term must end up divided by GA
     exactly once, and is not multiplied by the number of processes (DDP averages gradients across ranks).
     """
-    scaled = trainer.loss_is_scaled_for_ga
-    if scaled is None:
-        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-            trainer.compute_loss_func is not None
+    scaled = compat.loss_is_scaled_for_ga(trainer, num_items_in_batch)
+    return 1.0 / current_accumulation_steps(trainer) if scaled else 1.0
+
+
+Gradients = list[torch.Tensor]
+
+
+@dataclass
+class HarmfulStep:
+    """What one simulated harmful step measured; every tensor is detached and lists follow the parameters' order.
+
+    Attributes:
+        grads: `∇h(θ)` on the harmful batch (averaged over processes when the step was given `reduce`).
+        loss: `h(θ)`.
+        norm: `‖∇h(θ)‖`, joint over all the tensors.
+        shift: `δ = scale · ∇h(θ)/(‖∇h(θ)‖ + 1e-7)`, the move that was applied in place and undone.
+        moved_grads: `∇h(θ + δ)` on the same batch (None unless asked with `moved=True`).
+        moved_loss: `h(θ + δ)`, untransformed (None unless `moved=True`).
+        others: `(∇, loss)` at `θ + δ` of each extra batch, in the order given (Antibody's refusal view).
+    """
+
+    grads: Gradients
+    loss: torch.Tensor
+    norm: torch.Tensor
+    shift: Gradients
+    moved_grads: Gradients | None = None
+    moved_loss: torch.Tensor | None = None
+    others: list[tuple[Gradients, torch.Tensor]] = field(default_factory=list)
+
+
+class HarmfulWeightStep:
+    """The simulated harmful step on the weights that Booster, Antibody (alignment stage) and Panacea share.
+
+    `∇h(θ)` on a batch → `δ = scale·∇h/(‖∇h‖ + 1e-7)` → `θ + δ` in place → the asked gradients at `θ + δ` → `θ`
+    restored bit-exactly. Every gradient comes from [`parameter_gradients`], so nothing reaches `.grad`.
+
+    Args:
+        params: the parameters to move and differentiate, by name (the trainable ones).
+        loss_fn: `(model, inputs) -> scalar`; default: token-mean cross-entropy of the batch.
+        autocast: context-manager factory for every probe forward (the trainer's `compute_loss_context_manager`).
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, nn.Parameter],
+        *,
+        loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] = lm_loss,
+        autocast: Callable[[], object] | None = None,
+    ):
+        self.params = dict(params)
+        self.loss_fn = loss_fn
+        self.autocast = autocast
+        self._snapshot: ParameterSnapshot | None = None  # a copy of the weights, allocated on the first move
+
+    def gradients(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, torch.Tensor],
+        loss_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[Gradients, torch.Tensor]:
+        """`(∇loss, loss)` w.r.t. `params` at the current weights ([`parameter_gradients`])."""
+        return parameter_gradients(
+            model,
+            inputs,
+            list(self.params.values()),
+            loss_fn=self.loss_fn,
+            loss_transform=loss_transform,
+            autocast=self.autocast,
         )
-    return 1.0 / trainer.current_gradient_accumulation_steps if scaled else 1.0
+
+    def moved(self, deltas: Sequence[torch.Tensor]) -> AbstractContextManager[None]:
+        """`params += deltas` for the block, then the exact values back ([`shifted_parameters`])."""
+        if self._snapshot is None:
+            self._snapshot = ParameterSnapshot(self.params)
+        return shifted_parameters(self._snapshot, deltas)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, torch.Tensor],
+        scale: float,
+        *,
+        moved: bool = True,
+        loss_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        others: Sequence[Mapping[str, torch.Tensor]] = (),
+        reduce: Callable[[Gradients], Gradients] | None = None,
+    ) -> HarmfulStep:
+        """Run the step on `inputs`; `scale < 0` descends `h` (an attacker's step), `scale > 0` ascends it.
+
+        Args:
+            model: the bare module, never a DDP/DeepSpeed wrapper.
+            inputs: the harmful batch, on the device.
+            scale: the signed step length (Booster's `−α`, Panacea's `+ρ`).
+            moved: take `∇h(θ + δ)` on `inputs`; with neither `moved` nor `others` the weights are not moved at all.
+            loss_transform: applied to `h(θ + δ)` before differentiating (Panacea's clamp).
+            others: further batches whose gradients are taken at `θ + δ`, after `∇h(θ + δ)`.
+            reduce: applied to `∇h(θ)` before its norm and to `∇h(θ + δ)` (e.g. [`all_reduce_mean`] across ranks).
+        """
+        grads, loss = self.gradients(model, inputs)
+        if reduce is not None:
+            grads = reduce(grads)
+        norm = global_norm(grads)
+        step = HarmfulStep(grads=grads, loss=loss, norm=norm, shift=normalized_step(grads, scale, norm))
+        if not moved and not others:
+            return step
+        with self.moved(step.shift):
+            if moved:
+                step.moved_grads, step.moved_loss = self.gradients(model, inputs, loss_transform)
+            step.others = [self.gradients(model, batch) for batch in others]
+        if reduce is not None and step.moved_grads is not None:
+            step.moved_grads = reduce(step.moved_grads)
+        return step
 
 
 class PendingGradientMixin:
-    """Adds a gradient assembled before the real step to that step's one backward.
+    """The trainer side of the weight-perturbation pattern: the harmful step, and its gradient in the one backward.
 
-    A trainer sets `self._pending_gradient` (one tensor per parameter of `self._trainable`, in order) before calling
-    `super().training_step`; `compute_loss` then adds the value-neutral term, scaled for gradient accumulation, so the
-    logged loss is unchanged and the parameters' gradients gain exactly the pending tensors.
+    Placed first in a trainer's bases. [`setup_weight_perturbation`] records the trainable parameters;
+    [`harmful_weight_step`] runs [`HarmfulWeightStep`] on the bare module; [`training_step_with_gradient`] runs the
+    ordinary `training_step`, whose `compute_loss` adds the value-neutral term, scaled for gradient accumulation, so
+    the logged loss is unchanged and the parameters' gradients gain exactly the extra tensors.
     """
 
-    _pending_gradient: list[torch.Tensor] | None = None
+    _pending_gradient: Gradients | None = None
+    _pending_from_loss_gradient: Callable[[Gradients, float], Gradients] | None = None
+
+    def setup_weight_perturbation(self) -> None:
+        """Record the trainable parameters the step moves and the extra gradient targets (call in `setup_defense`)."""
+        self._trainable = trainable_parameters(self.model)
+        self._weight_step = HarmfulWeightStep(self._trainable, autocast=self.compute_loss_context_manager)
+        self._pending_gradient = self._pending_from_loss_gradient = None
+
+    def harmful_weight_step(self, model, batch, scale: float, *, others=(), **kwargs) -> HarmfulStep:
+        """[`HarmfulWeightStep`] on loader batches (`batch`, `others`), run on the bare module of `model`."""
+        bare = self.accelerator.unwrap_model(model)
+        others = [prepare_inputs(self, other) for other in others]
+        return self._weight_step(bare, prepare_inputs(self, batch), scale, others=others, **kwargs)
+
+    def training_step_with_gradient(
+        self,
+        model,
+        inputs,
+        num_items_in_batch=None,
+        extra: Gradients | None = None,
+        *,
+        from_loss_gradient: Callable[[Gradients, float], Gradients] | None = None,
+        context: AbstractContextManager | None = None,
+    ):
+        """`Trainer.training_step` whose one backward also carries an extra gradient.
+
+        Args:
+            extra: one tensor per trainable parameter, added to the gradient divided by GA as the loss would be.
+            from_loss_gradient: instead, `(∇loss, extra_term_scale) -> the whole gradient` for a combination that
+                depends on the training loss's own gradient (Antibody's adaptive λ). `∇loss` is then taken by
+                `autograd.grad` from the real forward and the backward runs through the value-neutral term only.
+            context: held around the step, backward included (Vaccine's hooks for Booster's `perturb_aware`).
+        """
+        self._pending_gradient, self._pending_from_loss_gradient = extra, from_loss_gradient
+        try:
+            with context if context is not None else nullcontext():
+                return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._pending_gradient = self._pending_from_loss_gradient = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
         extra, self._pending_gradient = self._pending_gradient, None
-        if extra is None:
-            return result
-        term = value_neutral_term(list(self._trainable.values()), extra) * extra_term_scale(self, num_items_in_batch)
-        if return_outputs:
-            loss, outputs = result
-            return loss + term.to(loss.dtype), outputs
-        return result + term.to(result.dtype)
+        combine, self._pending_from_loss_gradient = self._pending_from_loss_gradient, None
+        if extra is None and combine is None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        params = list(self._trainable.values())
+        scale = extra_term_scale(self, num_items_in_batch)
+        full_activations = nullcontext()
+        if combine is not None:
+            # ∇loss by autograd.grad, which reentrant checkpointing does not allow
+            layers = _decoder_layers_or_empty(self.accelerator.unwrap_model(model))
+            if needs_full_activations(layers):
+                full_activations = gradient_checkpointing_disabled(layers)
+        with full_activations:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        loss, outputs = result if return_outputs else (result, None)
+        if combine is None:
+            loss = loss + (value_neutral_term(params, extra) * scale).to(loss.dtype)
+        else:
+            computed = torch.autograd.grad(loss, params, allow_unused=True)
+            loss_grad = [torch.zeros_like(p) if g is None else g for p, g in zip(params, computed)]
+            # The loss's graph is consumed: the real backward runs through the linear term alone, whose gradient is
+            # the combination exactly (no second backward through the model)
+            loss = loss.detach() + value_neutral_term(params, combine(loss_grad, scale)).to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
 
 
 def all_reduce_mean(tensors: Sequence[torch.Tensor], accelerator) -> list[torch.Tensor]:

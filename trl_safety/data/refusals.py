@@ -49,20 +49,17 @@ def assign_refusal(index: int) -> str:
     return _POOL[index % len(_POOL)]
 
 
-ROW_COLUMN = "_trl_safety_row"
-
-
-def refusal_view(dataset, refusals: Sequence[str] | None = None, row_column: str = ROW_COLUMN):
+def refusal_view(dataset, refusals: Sequence[str] | None = None, *, row_column: str):
     """The same prompts, each answered by a refusal assigned round-robin by the row id in `row_column`.
 
     `prompt`/`completion` data (standard or conversational) gets its completion replaced, keeping the user's separator
-    (e.g. a leading space); `messages` data gets its last assistant turn replaced. Joining on an explicit row id
-    rather than on position keeps views aligned after TRL drops rows.
+    (e.g. a leading space); `messages` data gets its last assistant turn replaced. The row ids stay, so the view is
+    joined to the original rows on them (`core.views`), not on position, which TRL's row dropping would shift.
 
     Args:
         dataset: a `datasets.Dataset` with a `row_column` of integer row ids.
         refusals: the pool to draw from (default: [`refusal_pool`]).
-        row_column: the row-id column.
+        row_column: the row-id column (`core.views.ROW_COLUMN` for the trainers' views).
     """
     pool = tuple(refusals) if refusals is not None else _POOL
     if not pool:

@@ -1,7 +1,9 @@
-"""Evaluation: judges, greedy generation, harmful score, task accuracy, and the papers' protocols."""
+"""Evaluation: judges, greedy generation, harmful score, task accuracy, the papers' protocols, and `evaluate_model`
+(the one evaluation the CLI, the bench and the callback share)."""
 
 import os
 
+from .evaluation import EvalResult, evaluate_model
 from .generation import generate_responses
 from .harmful_score import HarmfulScoreResult, harmful_score, judge_responses, per_category_scores
 from .judges import (
@@ -18,6 +20,7 @@ from .judges import (
 from .protocols import PROTOCOLS, EvalProtocol, get_protocol
 from .task_accuracy import (
     TaskAccuracyResult,
+    TaskSet,
     agnews_correct,
     extract_gsm8k_number,
     finetune_accuracy,
@@ -34,10 +37,13 @@ __all__ = [
     "HARMFUL_SCORE_METRIC_PATH",
     "PROTOCOLS",
     "EvalProtocol",
+    "EvalResult",
     "TaskAccuracyResult",
+    "TaskSet",
     "agnews_correct",
     "extract_gsm8k_number",
     "finetune_accuracy",
+    "evaluate_model",
     "get_protocol",
     "gsm8k_correct",
     "sst2_correct",

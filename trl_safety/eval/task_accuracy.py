@@ -12,7 +12,7 @@ SST2 answer `"positive, because …"` is wrong.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..data.adapters import AGNEWS_LABELS, GSM8K_ANSWER_MARKER, SST2_LABELS
@@ -105,12 +105,44 @@ def task_accuracy(task: str, outputs: Sequence[str], references: Sequence) -> Ta
     return TaskAccuracyResult(task=task, accuracy=accuracy, correct=correct, outputs=outputs, references=references)
 
 
+@dataclass
+class TaskSet:
+    """A fine-tune accuracy test set: prompts, their references, and the task whose exact-match rule scores them.
+
+    `prompt_format` is applied to each prompt before generation (`None`: the prompts are already templated, as the
+    adapters' `prompt` column is).
+    """
+
+    task: str
+    prompts: list[str]
+    references: list
+    prompt_format: Callable[[str], str] | str | None = None
+
+    def __post_init__(self):
+        _scorer(self.task)  # an unknown task fails here, before anything is generated
+        self.prompts, self.references = list(self.prompts), list(self.references)
+        if len(self.prompts) != len(self.references):
+            raise ValueError(f"Got {len(self.prompts)} prompts but {len(self.references)} references.")
+
+    @classmethod
+    def from_dataset(cls, task: str, dataset, prompt_format=None) -> TaskSet:
+        """A test set built by the adapters. References: `label` for SST2/AGNews, `completion` (the solution) for
+        GSM8K."""
+        key = task.lower().replace("_", "").replace("-", "")
+        column = "label" if key in ("sst2", "agnews") and "label" in dataset.column_names else "completion"
+        return cls(task, dataset["prompt"], dataset[column], prompt_format)
+
+    def score(self, model, tokenizer, **generation_kwargs) -> TaskAccuracyResult:
+        """Generate greedy answers (kwargs go to [`generate_responses`]) and score them with the task's rule."""
+        from .generation import generate_responses
+
+        outputs = generate_responses(
+            model, tokenizer, self.prompts, prompt_format=self.prompt_format, **generation_kwargs
+        )
+        return task_accuracy(self.task, outputs, self.references)
+
+
 def finetune_accuracy(model, tokenizer, task: str, dataset, *, prompt_format=None, **generation_kwargs):
     """Generate greedy answers for a task test set built by the adapters (its `prompt` column is already templated)
     and score them. References: `label` for SST2/AGNews, `completion` (the solution) for GSM8K."""
-    from .generation import generate_responses
-
-    key = task.lower().replace("_", "").replace("-", "")
-    column = "label" if key in ("sst2", "agnews") and "label" in dataset.column_names else "completion"
-    outputs = generate_responses(model, tokenizer, dataset["prompt"], prompt_format=prompt_format, **generation_kwargs)
-    return task_accuracy(task, outputs, dataset[column])
+    return TaskSet.from_dataset(task, dataset, prompt_format).score(model, tokenizer, **generation_kwargs)

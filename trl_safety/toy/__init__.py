@@ -1,4 +1,4 @@
-"""The embedded toy safety world: a synthetic world, its cached tiny base model, and the bench pipeline.
+"""The embedded toy safety world: a synthetic world and its cached tiny base model (the bench is `trl_safety.bench`).
 
 ```python
 from trl_safety.toy import ToyWorld, load_base_model

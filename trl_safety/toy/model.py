@@ -134,17 +134,11 @@ def pretrain_base_model(output_dir: str, world: ToyWorld | None = None, recipe: 
 
 
 def strip_trainer_patches(model):
-    """Remove the instance-level `forward` that `SFTTrainer` installs (its fused LM head), restoring the class forward.
+    """Remove the fused-LM-head `forward` that `SFTTrainer` installs, so the model is safe to copy and to hand to the
+    next trainer (`compat.strip_fused_lm_head`)."""
+    from ..compat import strip_fused_lm_head
 
-    The patched forward closes over the original bound method, so a deep copy of a patched model would still run the
-    original model's weights; stripping it makes models safe to copy and to hand to the next trainer.
-    """
-    import types
-
-    for module in model.modules():
-        if isinstance(vars(module).get("forward"), types.MethodType):
-            del module.forward
-    return model
+    return strip_fused_lm_head(model)
 
 
 def load_base_model(

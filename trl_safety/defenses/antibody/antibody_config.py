@@ -36,7 +36,7 @@ class AntibodyConfig(DefenseConfigMixin, SFTConfig):
             pool shipped with `trl_safety` (100 generic refusals, `trl_safety.data.refusals`) is used.
         harmful_flag_column (`str`, *optional*, defaults to `"is_harmful"`):
             Optional boolean column of the training data marking harmful samples. It is used only for logging the
-            weight share of harmful samples (`harmful_weight_share`), as in the official code.
+            weight share of harmful samples (`antibody/harmful_weight_share`), as in the official code.
     """
 
     # inf is documented: uniform weights, i.e. plain SFT

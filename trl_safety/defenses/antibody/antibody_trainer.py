@@ -2,33 +2,20 @@ from __future__ import annotations
 
 import logging
 import math
-import textwrap
 
 import torch
-from datasets import Dataset
 from trl import SFTTrainer
 
+from ... import compat
 from ...core.losses import is_packed_batch, lm_forward, per_sample_token_mean_nll
 from ...core.trainer import DefenseTrainerMixin
-from ...data.refusals import ROW_COLUMN, refusal_pool, refusal_view
-from .antibody_config import AntibodyConfig
+from ...core.views import ROW_COLUMN, RowAlignedCollator, RowAlignedView, add_row_ids, pop_view
+from ...data.refusals import refusal_pool, refusal_view
 
 
 logger = logging.getLogger(__name__)
 
-REFUSAL_PREFIX = "refusal_"
-REFUSAL_COLUMNS = (f"{REFUSAL_PREFIX}input_ids", f"{REFUSAL_PREFIX}labels")
-
-_CITATION = textwrap.dedent(
-    """\
-    @inproceedings{nguyen2026antibody,
-        title        = {{Antibody: Strengthening Defense Against Harmful Fine-Tuning for Large Language Models via Attenuating Harmful Gradient Influence}},
-        author       = {Quoc Minh Nguyen and Trung Le and Jing Wu and Anh Tuan Bui and Mehrtash Harandi},
-        year         = 2026,
-        booktitle    = {The Fourteenth International Conference on Learning Representations},
-        url          = {https://openreview.net/forum?id=qur2ef8MqQ},
-    }"""
-)
+REFUSAL_PREFIX = "refusal_"  # batch keys of the refusal views: `refusal_input_ids`, `refusal_labels`, …
 
 
 def likelihood_ratio_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -40,32 +27,6 @@ def likelihood_ratio_weights(scores: torch.Tensor, temperature: float) -> torch.
     if math.isinf(temperature):
         return torch.ones_like(scores)
     return torch.exp((scores - scores.max()) / temperature)
-
-
-class RefusalViewCollator:
-    """Wraps a collator: pads each sample and, separately, its refusal view (keys prefixed with `refusal_`).
-
-    TRL's collator drops keys it does not know, so the refusal columns are collated by a second call of the same
-    collator; an optional harmful-flag column becomes a boolean tensor. Examples without a refusal view (evaluation
-    data) pass through unchanged.
-    """
-
-    def __init__(self, collator, flag_column: str | None = None):
-        self.collator = collator
-        self.flag_column = flag_column
-
-    def __call__(self, examples):
-        extra = {*REFUSAL_COLUMNS, self.flag_column}
-        main = [{k: v for k, v in example.items() if k not in extra} for example in examples]
-        batch = self.collator(main)
-        if REFUSAL_COLUMNS[0] in examples[0]:
-            refusals = self.collator(
-                [{"input_ids": ex[REFUSAL_COLUMNS[0]], "labels": ex[REFUSAL_COLUMNS[1]]} for ex in examples]
-            )
-            batch.update({f"{REFUSAL_PREFIX}{key}": value for key, value in refusals.items()})
-        if self.flag_column is not None and self.flag_column in examples[0]:
-            batch[self.flag_column] = torch.tensor([bool(ex[self.flag_column]) for ex in examples])
-        return batch
 
 
 class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
@@ -82,8 +43,10 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
     3. `w = softmax((NLL̄(y_r|x) − NLL̄(y|x)) / τ)` over the micro-batch, detached;
     4. `loss = Σᵢ wᵢ Σₜ CEᵢₜ / Σᵢ wᵢ Nᵢ` (a weighted token mean, plain SFT's token mean for uniform weights).
 
-    The loss is a per-micro-batch mean, so `Trainer` divides it by the gradient-accumulation steps
-    (`loss_is_scaled_for_ga = False`, as in the official code's GA-free setting and TRL's DPO/KTO trainers).
+    With gradient accumulation the micro-batch's weighted mean is counted as SFT counts a micro-batch: by its share
+    `N_mb / N_step` of the accumulated step's target tokens (`num_items_in_batch`, all ranks when
+    `average_tokens_across_devices`). At GA 1 on one process this is the official (GA-free) loss; with uniform
+    weights it is SFT's loss bit for bit at any GA and on any number of ranks.
 
     Takes every argument of [`~trl.SFTTrainer`] plus `refusals=` (a list of refusal strings overriding the pool). The
     training data must be prompt/completion data (standard or conversational), the only format in which a refusal
@@ -103,22 +66,10 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
     ```
     """
 
-    defense_name = "antibody"
-    stage = "fine-tuning"
-    config_class = AntibodyConfig
     extra_datasets = ()
     unsupported_backends = {
         "fsdp": "the no-grad refusal-view pass on the bare module is untested under FSDP (see docs/antibody.md).",
     }
-    loss_is_scaled_for_ga = False
-    _name = "Antibody"
-    _paper = {
-        "title": "Antibody: Strengthening Defense Against Harmful Fine-Tuning for Large Language Models via "
-        "Attenuating Harmful Gradient Influence",
-        "id": "2603.00498",
-        "citation": _CITATION,
-    }
-    _tag_names = ["trl", "sft", "trl-safety", "antibody"]
 
     def __init__(self, model, args=None, data_collator=None, train_dataset=None, *positional, refusals=None, **kwargs):
         if getattr(args, "packing", False) or getattr(args, "padding_free", False):
@@ -131,19 +82,20 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
                 "AntibodyTrainer does not support `formatting_func`: it builds each sample's refusal view from the "
                 "`prompt` column, so pass prompt/completion data instead."
             )
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "AntibodyTrainer does not support `compute_loss_func`: its loss is the likelihood-ratio weighted token "
+                "mean, computed by the trainer itself."
+            )
         if refusals is not None and (isinstance(refusals, str) or len(refusals) == 0):
             raise ValueError("`refusals` must be a non-empty list of refusal strings.")
-        self._raw_train = self._with_row_ids(train_dataset)
+        # The raw rows, kept until `setup_defense` derives their refusal view (the pool needs the final config)
+        self._raw_train = self._check_prompt_completion(add_row_ids(train_dataset, "train_dataset"))
         self._refusals = list(refusals) if refusals is not None else None
         super().__init__(model, args, data_collator, self._raw_train, *positional, **kwargs)
 
     @staticmethod
-    def _with_row_ids(dataset) -> Dataset:
-        if not isinstance(dataset, Dataset):
-            raise TypeError(
-                "AntibodyTrainer needs a map-style `datasets.Dataset` as `train_dataset` (got "
-                f"{type(dataset).__name__}): each row is joined with its refusal view by row index."
-            )
+    def _check_prompt_completion(dataset):
         columns = set(dataset.column_names)
         if not {"prompt", "completion"} <= columns or "input_ids" in columns:
             raise ValueError(
@@ -151,9 +103,7 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
                 f"sample's refusal view (same prompt, refusal answer); got columns {sorted(columns)}. Convert "
                 "`messages` data to `prompt` (the turns before the last assistant turn) and `completion` (that turn)."
             )
-        if ROW_COLUMN in columns:
-            raise ValueError(f"The training data already has a {ROW_COLUMN!r} column, which AntibodyTrainer reserves.")
-        return dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+        return dataset
 
     def _refusal_pool(self) -> list[str]:
         if self._refusals is not None:
@@ -167,43 +117,30 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
         return refusal_pool()
 
     def setup_defense(self) -> None:
-        # Tokenize the refusal view exactly like the training data, then join it on the row id: preparation may drop
-        # rows (fully masked after truncation), so positions do not line up
-        view = self._prepare_dataset(
-            refusal_view(self._raw_train, self._refusal_pool()),
-            self.processing_class,
-            self.args,
-            False,
-            None,
-            "refusal view (trl_safety)",
-        )
-        by_row = dict(zip(view[ROW_COLUMN], zip(view["input_ids"], view["labels"])))
-        missing = [row for row in self.train_dataset[ROW_COLUMN] if row not in by_row]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} training sample(s) (rows {missing[:5]}) have no refusal view left after truncation to "
-                f"max_length={self.args.max_length}; increase `max_length` or shorten their prompts."
-            )
-
-        def attach(row):
-            input_ids, labels = by_row[row]
-            return {REFUSAL_COLUMNS[0]: input_ids, REFUSAL_COLUMNS[1]: labels}
-
-        self.train_dataset = self.train_dataset.map(attach, input_columns=ROW_COLUMN, desc="Joining refusal views")
-        self.data_collator = RefusalViewCollator(self.data_collator, self.args.harmful_flag_column)
+        rows = refusal_view(self._raw_train, self._refusal_pool(), row_column=ROW_COLUMN)
         del self._raw_train
+        self.refusal_view = RowAlignedView.prepare(self, rows, "refusal view")
+        self.refusal_view.require(
+            self.train_dataset,
+            "train_dataset",
+            f"they have no refusal view left after truncation to max_length={self.args.max_length}; increase "
+            "`max_length` or shorten their prompts.",
+        )
+        # The train loader brings each sample's refusal view under `refusal_*` keys, and the flag as a bool tensor
+        flag = self.args.harmful_flag_column
+        self.data_collator = RowAlignedCollator(
+            self.data_collator, {REFUSAL_PREFIX: self.refusal_view}, columns={flag: torch.bool} if flag else None
+        )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = [*REFUSAL_COLUMNS, self.args.harmful_flag_column]
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
+        compat.extend_signature_columns(self, [c for c in (ROW_COLUMN, self.args.harmful_flag_column) if c])
 
     # ---------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         flags = inputs.pop(self.args.harmful_flag_column, None)
-        refusal = {
-            key[len(REFUSAL_PREFIX) :]: inputs.pop(key) for key in list(inputs) if key.startswith(REFUSAL_PREFIX)
-        }
+        inputs.pop(ROW_COLUMN, None)
+        refusal = pop_view(inputs, REFUSAL_PREFIX)
         if not refusal:  # evaluation data has no refusal view: plain SFT loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if is_packed_batch(inputs):
@@ -211,13 +148,19 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
 
         with torch.no_grad():
             refusal_nll = per_sample_token_mean_nll(lm_forward(self.accelerator.unwrap_model(model), refusal))
-        outputs = model(**inputs, fused_lm_head=True, use_cache=False)
+        outputs = compat.fused_forward(model, **inputs)
         token_nll = -outputs.log_probs  # (B, T-1), zero where the label is -100
         counts = outputs.label_mask.sum(dim=-1)
         sample_nll = token_nll.detach().sum(dim=-1) / counts.clamp(min=1)
         weights = likelihood_ratio_weights(refusal_nll - sample_nll, self.args.temperature).to(token_nll.dtype)
-        denominator = (weights * counts).sum().clamp(min=torch.finfo(token_nll.dtype).tiny)
-        loss = (token_nll * weights[:, None]).sum() / denominator
+        weighted_count = (weights * counts).sum().clamp(min=torch.finfo(token_nll.dtype).tiny)
+        if num_items_in_batch is not None and compat.loss_is_scaled_for_ga(self, num_items_in_batch):
+            # Rescaled so that Σ wᵢNᵢ = N_mb (uniform weights stay exactly 1), then normalised like SFT's loss
+            weights = weights * (counts.sum() / weighted_count)
+            loss = (token_nll * weights[:, None]).sum() / num_items_in_batch
+            loss = loss * compat.step_loss_scale(self, num_items_in_batch)
+        else:  # no step count (evaluation, a model without loss kwargs): the micro-batch mean, which Trainer divides
+            loss = (token_nll * weights[:, None]).sum() / weighted_count
 
         self._log_weights(weights, flags)
         self._log_token_metrics(outputs, inputs)
@@ -239,8 +182,9 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
         num_valid = gather(outputs.label_mask.sum()).sum()
         entropy = gather(outputs.entropy.detach().sum()).sum()
         correct = gather(outputs.is_top1.sum()).sum()
-        self._metrics[mode]["entropy"].append((entropy / num_valid).item() if num_valid > 0 else 0.0)
-        self._metrics[mode]["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
+        metrics = compat.metrics_buffer(self, mode)
+        metrics["entropy"].append((entropy / num_valid).item() if num_valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
         if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            compat.count_train_tokens(self, gather(inputs["attention_mask"].sum()).sum().item())
+        metrics["num_tokens"] = [compat.total_train_tokens(self)]

@@ -6,6 +6,15 @@ from .antidote_config import AntidoteConfig
 from .antidote_prune import ANTIDOTE_STATS_NAME, antidote_prune
 
 
+_CITATION = """\
+@inproceedings{huang2025antidote,
+    title     = {{Antidote: Post-fine-tuning Safety Alignment for Large Language Models against Harmful Fine-tuning}},
+    author    = {Tiansheng Huang and Gautam Bhattacharya and Pratik Joshi and Josh Kimball and Ling Liu},
+    booktitle = {Forty-second International Conference on Machine Learning},
+    year      = {2025},
+}"""
+
+
 def _post_hoc(
     model,
     config,
@@ -27,12 +36,20 @@ register_defense(
         config_class=AntidoteConfig,
         trainer_class=None,
         post_hoc=_post_hoc,
+        title="Antidote",
+        paper={
+            "title": "Antidote: Post-fine-tuning Safety Alignment for Large Language Models against Harmful "
+            "Fine-tuning",
+            "id": "2408.09600",
+            "citation": _CITATION,
+        },
         description="Post-fine-tuning Wanda pruning of the weights most important on harmful data (Huang et al.)",
         # the toy bench's fine-tuning adapter covers every linear layer: prune all of them, as the official code
         # prunes every module its (q/k/v) adapter trains
         bench_overrides={
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         },
+        neutral_overrides={"prune_ratio": 0.0},
     )
 )
 

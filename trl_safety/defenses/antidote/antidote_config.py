@@ -83,18 +83,6 @@ class AntidoteConfig(DefenseConfigMixin, HarmfulDataArguments):
         "harmful_num_samples": _WANDA,
     }
 
-    _name: ClassVar[str] = "Antidote"
-    _paper: ClassVar[dict] = {
-        "title": "Antidote: Post-fine-tuning Safety Alignment for Large Language Models against Harmful Fine-tuning",
-        "id": "2408.09600",
-        "citation": """@inproceedings{huang2025antidote,
-    title     = {{Antidote: Post-fine-tuning Safety Alignment for Large Language Models against Harmful Fine-tuning}},
-    author    = {Tiansheng Huang and Gautam Bhattacharya and Pratik Joshi and Josh Kimball and Ling Liu},
-    booktitle = {Forty-second International Conference on Machine Learning},
-    year      = {2025},
-}""",
-    }
-
     prune_ratio: float = field(
         default=0.1,
         metadata={

@@ -1,29 +1,18 @@
 from __future__ import annotations
 
 import logging
-import textwrap
 
 from trl import SFTTrainer
 
+from ... import compat
 from ...core.proximal import ProximalTerm, proximal_active
 from ...core.snapshot import ParameterSnapshot, trainable_parameters
 from ...core.trainer import DefenseTrainerMixin
-from .lisa_config import LisaConfig
 
 
 logger = logging.getLogger(__name__)
 
 ALIGNMENT, FINETUNE = "alignment", "finetune"
-
-_CITATION = textwrap.dedent(
-    """\
-    @inproceedings{huang2024lisa,
-        title        = {{Lisa: Lazy Safety Alignment for Large Language Models against Harmful Fine-tuning Attack}},
-        author       = {Tiansheng Huang and Sihao Hu and Fatih Ilhan and Selim Furkan Tekin and Ling Liu},
-        year         = 2024,
-        booktitle    = {Advances in Neural Information Processing Systems 38, {NeurIPS} 2024},
-    }"""
-)
 
 
 class LisaTrainer(DefenseTrainerMixin, SFTTrainer):
@@ -61,20 +50,10 @@ class LisaTrainer(DefenseTrainerMixin, SFTTrainer):
     ```
     """
 
-    defense_name = "lisa"
-    stage = "fine-tuning"
-    config_class = LisaConfig
     extra_datasets = ("alignment",)
     unsupported_backends = {
         "fsdp": "the proximal gradient hooks are untested on FSDP's sharded parameters (see docs/lisa.md).",
     }
-    _name = "Lisa"
-    _paper = {
-        "title": "Lisa: Lazy Safety Alignment for Large Language Models against Harmful Fine-tuning Attack",
-        "id": "2405.18641",
-        "citation": _CITATION,
-    }
-    _tag_names = ["trl", "sft", "trl-safety", "lisa"]
 
     # -------------------------------------------------------------------------------------------- state machine
     def setup_defense(self) -> None:
@@ -101,7 +80,7 @@ class LisaTrainer(DefenseTrainerMixin, SFTTrainer):
             params,
             self.args.rho,
             anchor=self._anchors[FINETUNE],
-            scale=lambda: 1.0 / self.current_gradient_accumulation_steps,
+            scale=lambda: 1.0 / compat.current_accumulation_steps(self),
         )
         if self._pending_defense_state is not None:
             self._restore(self._pending_defense_state)
@@ -134,11 +113,11 @@ class LisaTrainer(DefenseTrainerMixin, SFTTrainer):
         if phase == ALIGNMENT:
             # The user batches of this step are discarded, as in the official code
             batches = [next(self._alignment_batches) for _ in batches]
-            num_items_in_batch = self._get_num_items_in_batch(batches, device)
+            num_items_in_batch = compat.num_items_in_batch(self, batches, device)
         self._proximal.enabled = proximal_active(step, self.state.max_steps, self.args.proximal_warmup_ratio)
         self._micro_batches_left = len(batches)
         # Logged as a training metric even if the model is still in eval mode (from_pretrained, or after evaluation)
-        self._metrics["train"]["alignment_phase"].append(float(phase == ALIGNMENT))
+        self.log_metric("alignment_phase", float(phase == ALIGNMENT), mode="train")
         return batches, num_items_in_batch
 
     def training_step(self, model, inputs, num_items_in_batch=None):

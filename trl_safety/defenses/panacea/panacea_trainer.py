@@ -1,22 +1,13 @@
 from __future__ import annotations
 
 import logging
-import textwrap
 
 import torch
 from accelerate.utils import broadcast
 from trl import SFTTrainer
 
-from ...core.snapshot import ParameterSnapshot, trainable_parameters
 from ...core.trainer import DefenseTrainerMixin
-from ...core.weight_perturbation import (
-    PendingGradientMixin,
-    global_norm,
-    normalized_step,
-    parameter_gradients,
-    shifted_parameters,
-)
-from .panacea_config import PanaceaConfig
+from ...core.weight_perturbation import PendingGradientMixin, global_norm
 
 
 logger = logging.getLogger(__name__)
@@ -44,33 +35,13 @@ class PanaceaTrainer(PendingGradientMixin, DefenseTrainerMixin, SFTTrainer):
     Takes every argument of [`~trl.SFTTrainer`] plus `harmful_dataset=`; `train_dataset` is the user's data.
     """
 
-    defense_name = "panacea"
-    stage = "fine-tuning"
-    config_class = PanaceaConfig
     extra_datasets = ("harmful",)
     unsupported_backends = {"zero3": ZERO3_REASON}
     locates_layers = True
-    _name = "Panacea"
-    _tag_names = ["trl", "sft", "trl-safety", "panacea"]
-    _paper = {
-        "title": "Panacea: Mitigating Harmful Fine-tuning for Large Language Models via Post-fine-tuning Perturbation",
-        "id": "2501.18100",
-        "citation": textwrap.dedent(
-            """\
-            @inproceedings{wang2025panacea,
-                title        = {{Panacea: Mitigating Harmful Fine-tuning for Large Language Models via Post-fine-tuning Perturbation}},
-                author       = {Yibo Wang and Tiansheng Huang and Li Shen and Huanjin Yao and Haotian Luo and Rui Liu and Naiqiang Tan and Jiaxing Huang and Dacheng Tao},
-                year         = 2025,
-                booktitle    = {Advances in Neural Information Processing Systems},
-            }"""
-        ),
-    }
 
     def setup_defense(self) -> None:
         self._harmful_batches = self.cycling_batches("harmful", self.args.harmful_batch_size)
-        self._trainable = trainable_parameters(self.model)
-        self._snapshot = None
-        self._pending_gradient = None
+        self.setup_weight_perturbation()
         # ε of the last micro-step, by parameter name (None until the first step)
         self.last_eps: dict[str, torch.Tensor] | None = None
         self.eps_added = False
@@ -101,36 +72,24 @@ class PanaceaTrainer(PendingGradientMixin, DefenseTrainerMixin, SFTTrainer):
         if not self._active:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
-        bare = self.accelerator.unwrap_model(model)
-        names, params = list(self._trainable), list(self._trainable.values())
-        if self._snapshot is None:
-            self._snapshot = ParameterSnapshot(self._trainable)
-        harmful = self._prepare_inputs(next(self._harmful_batches))
-        autocast = self.compute_loss_context_manager
-        grads, loss = parameter_gradients(bare, harmful, params, autocast=autocast)
-        norm = global_norm(grads)
-        eps = normalized_step(grads, self.args.rho, norm)
-        self.last_eps = {name: e.detach().clone() for name, e in zip(names, eps)}
-        self.log_metric("harmful_loss", loss)
-        self.log_metric("harmful_grad_norm", norm)
-        if self.args.lamb > 0:
-            clamp = self.args.harmful_loss_clamp
+        lamb = self.args.lamb
+        # ε = ρ·g_h/(‖g_h‖ + 1e-7) ascends h; ∇min(h(w + ε), c) is needed only for the λ term
+        step = self.harmful_weight_step(
+            model, next(self._harmful_batches), self.args.rho, moved=lamb > 0, loss_transform=self._clamped
+        )
+        self.last_eps = {name: e.detach().clone() for name, e in zip(self._trainable, step.shift)}
+        self.log_metric("harmful_loss", step.loss)
+        self.log_metric("harmful_grad_norm", step.norm)
+        extra = None
+        if lamb > 0:
+            self.log_metric("harmful_loss_perturbed", step.moved_loss)
+            extra = [-lamb * (m - g) for m, g in zip(step.moved_grads, step.grads)]
+        return self.training_step_with_gradient(model, inputs, num_items_in_batch, extra)
 
-            def clamped(h):
-                # min(h, c): above the clamp the gradient is zero, so detach and skip that backward altogether
-                return h if h.item() <= clamp else h.detach().clamp(max=clamp)
-
-            with shifted_parameters(self._snapshot, eps):
-                moved, moved_loss = parameter_gradients(
-                    bare, harmful, params, autocast=autocast, loss_transform=clamped
-                )
-            self.log_metric("harmful_loss_perturbed", moved_loss)
-            lamb = self.args.lamb
-            self._pending_gradient = [-lamb * (m - g) for m, g in zip(moved, grads)]
-        try:
-            return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            self._pending_gradient = None
+    def _clamped(self, h: torch.Tensor) -> torch.Tensor:
+        # min(h, c): above the clamp the gradient is zero, so detach and skip that backward altogether
+        clamp = self.args.harmful_loss_clamp
+        return h if h.item() <= clamp else h.detach().clamp(max=clamp)
 
     # ------------------------------------------------------------------------------------------ post-training ε
     @torch.no_grad()

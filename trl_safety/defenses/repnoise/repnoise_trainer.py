@@ -10,9 +10,8 @@ On a paired micro-batch (harmless = harmful prompt → refusal, harmful = same p
 - L̄_harm: (CE of the final logits + Σ_h CE(lm_head(norm(h))) over all hidden states h) / number of hidden states,
   on the harmful answer's differing tokens (the "logit lens").
 
-Pairing: row i of the `train_dataset` goes with row i of the harmful dataset. Both get a row-index column before
-TRL's preparation, the train collator carries it into the batch, and the harmful rows are looked up by it, so
-shuffling and TRL's row filtering keep the pairs intact.
+Pairing: row i of the `train_dataset` goes with row i of the harmful dataset, joined by `core.views` on a
+`repnoise_pair_index` row-id column, so shuffling, sharding and TRL's row filtering keep the pairs intact.
 """
 
 from __future__ import annotations
@@ -23,30 +22,21 @@ from contextlib import nullcontext
 import torch
 from trl import SFTTrainer
 
+from ... import compat
 from ...core.hooks import capture_outputs, gradient_checkpointing_disabled
 from ...core.layers import get_decoder_layers, unwrap_model
 from ...core.perturbation import needs_full_activations
 from ...core.seeding import MicroBatchGenerators
 from ...core.trainer import DefenseTrainerMixin
-from .repnoise_config import RepNoiseConfig
+from ...core.views import RowAlignedCollator, RowAlignedView, add_row_ids, pop_view
 
 
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMN = "repnoise_pair_index"
+HARMFUL_PREFIX = "harmful_"  # batch keys of the paired harmful rows
 _KERNEL_MUL = 2.0
 _KERNEL_NUM = 5
-
-_CITATION = """\
-@inproceedings{rosati2024representation,
-    title     = {{Representation Noising: A Defence Mechanism Against Harmful Finetuning}},
-    author    = {Domenic Rosati and Jan Wehner and Kai Williams and Lukasz Bartoszcze and Robie Gonzales and
-                 Carsten Maple and Subhabrata Majumdar and Hassan Sajjad and Frank Rudzicz},
-    booktitle = {Advances in Neural Information Processing Systems},
-    year      = {2024},
-    eprint    = {2405.14577},
-    archivePrefix = {arXiv}
-}"""
 
 
 def mmd_gaussian(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -92,19 +82,6 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="mean")
 
 
-class _PairIndexCollator:
-    """Wraps a collator so the pair-index column reaches the batch (TRL's collator drops unknown keys)."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, examples):
-        index = torch.tensor([example[PAIR_COLUMN] for example in examples], dtype=torch.long)
-        batch = self.collator([{k: v for k, v in example.items() if k != PAIR_COLUMN} for example in examples])
-        batch[PAIR_COLUMN] = index
-        return batch
-
-
 class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
     """Drop-in [`~trl.SFTTrainer`] training RepNoise on paired data.
 
@@ -112,58 +89,42 @@ class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
     by row (row i with row i; the harmful dataset may be longer). See [`RepNoiseConfig`].
     """
 
-    defense_name = "repnoise"
-    stage = "alignment"
-    config_class = RepNoiseConfig
     extra_datasets = ("harmful",)
+    split_dependence = (
+        "Its Gaussian target noise is drawn per micro-batch (seeded by rank, step and micro-batch index)."
+    )
     unsupported_backends = {
         "fsdp": "the logit lens reads the final norm and LM head directly, which is untested on sharded FSDP modules.",
     }
     # The loss is a per-micro-batch mean (with a log), so Trainer divides it by the accumulation steps
     loss_is_scaled_for_ga = False
     locates_layers = True
-    _name = "RepNoise"
-    _paper = {
-        "title": "Representation Noising: A Defence Mechanism Against Harmful Finetuning",
-        "id": "2405.14577",
-        "citation": _CITATION,
-    }
-    _tag_names = ["trl", "sft", "trl-safety", "repnoise"]
 
     def __init__(self, model, args=None, data_collator=None, train_dataset=None, *positional, **kwargs):
-        if train_dataset is not None:
-            train_dataset = self._with_pair_index(train_dataset, "train")
+        if train_dataset is not None:  # a `repnoise_pair_index` the user gave is kept: it chooses the pairs
+            train_dataset = add_row_ids(train_dataset, "train_dataset", PAIR_COLUMN, keep_existing=True)
         super().__init__(model, args, data_collator, train_dataset, *positional, **kwargs)
 
-    @staticmethod
-    def _with_pair_index(dataset, role):
-        if PAIR_COLUMN in getattr(dataset, "column_names", []):
-            return dataset
-        if not hasattr(dataset, "add_column"):
-            raise TypeError(f"RepNoise needs the {role} dataset as a map-style `datasets.Dataset` (rows are paired).")
-        return dataset.add_column(PAIR_COLUMN, list(range(len(dataset))))
-
     def _load_extra_dataset(self, role, dataset, args):
-        return self._with_pair_index(super()._load_extra_dataset(role, dataset, args), role)
+        dataset = super()._load_extra_dataset(role, dataset, args)
+        return add_row_ids(dataset, f"{role}_dataset", PAIR_COLUMN, keep_existing=True)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self._signature_columns is not None and PAIR_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, PAIR_COLUMN]
+        compat.extend_signature_columns(self, [PAIR_COLUMN])
 
     def setup_defense(self) -> None:
         args = self.args
-        if PAIR_COLUMN not in self.train_dataset.column_names:
-            raise ValueError("RepNoise lost the pair index of the train dataset during preparation.")
-        self.data_collator = _PairIndexCollator(self.data_collator)
-        self._harmful_position = {index: row for row, index in enumerate(self.harmful_dataset[PAIR_COLUMN])}
-        missing = [i for i in self.train_dataset[PAIR_COLUMN] if i not in self._harmful_position]
-        if missing:
-            raise ValueError(
-                f"RepNoise pairs train_dataset row i with harmful_dataset row i, but {len(missing)} train rows (e.g. "
-                f"{missing[:5]}) have no harmful partner: the harmful dataset is shorter, or its rows were dropped by "
-                "truncation to `max_length`. Give a harmful dataset with one row per train row."
-            )
+        harmful = RowAlignedView(self.harmful_dataset, "harmful_dataset", PAIR_COLUMN)
+        harmful.require(
+            self.train_dataset,
+            "train_dataset",
+            "RepNoise pairs train_dataset row i with harmful_dataset row i and found no harmful partner for them. "
+            "The harmful dataset is shorter, or its rows were dropped by truncation to `max_length`; give a harmful "
+            "dataset with one row per train row.",
+        )
+        # The train loader then brings each batch's harmful partners, collated alike, under `harmful_*` keys
+        self.data_collator = RowAlignedCollator(self.data_collator, {HARMFUL_PREFIX: harmful}, PAIR_COLUMN)
         base = unwrap_model(self.model)
         self._layers = list(get_decoder_layers(self.model, args.layers_path))
         self._mlps = []
@@ -185,11 +146,6 @@ class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
         self._noise = MicroBatchGenerators(args.seed, self.accelerator.process_index)
 
     # --------------------------------------------------------------------------------------------------- helpers
-    def _harmful_batch(self, pair_index: torch.Tensor):
-        rows = self.harmful_dataset.select([self._harmful_position[i] for i in pair_index.tolist()])
-        examples = [{"input_ids": row["input_ids"], "labels": row["labels"]} for row in rows]
-        return self._prepare_inputs(self.data_collator.collator(examples))
-
     def _noise_generator(self, device) -> torch.Generator:
         """This micro-batch's generator (`core.seeding`): resumed runs draw the same noise, ranks different noise."""
         return self._noise.next(self.state.global_step, device)
@@ -226,7 +182,8 @@ class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
         if PAIR_COLUMN not in inputs:  # evaluation data is not paired: plain SFT loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
-        harmful = self._harmful_batch(inputs.pop(PAIR_COLUMN))
+        del inputs[PAIR_COLUMN]
+        harmful = pop_view(inputs, HARMFUL_PREFIX)
         _check_right_padded(inputs["attention_mask"], "harmless")
         _check_right_padded(harmful["attention_mask"], "harmful")
         harmless_keep = differing_tokens(
@@ -240,17 +197,16 @@ class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
         harmful_answer = harmful_labels != -100  # positions of the harmful answer's differing tokens
         alpha, beta = self.args.alpha, self.args.beta
 
-        outputs = model(
+        outputs = compat.fused_forward(
+            model,
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             labels=harmless_labels,
-            fused_lm_head=True,
-            use_cache=False,
         )
         count = outputs.label_mask.sum()
         harmless_loss = -outputs.log_probs.sum() / count.clamp(min=1)
         loss = harmless_loss
-        self.log_metric("repnoise/harmless_loss", harmless_loss)
+        self.log_metric("harmless_loss", harmless_loss)
 
         if alpha != 0 or beta != 0:
             # MLP outputs of the harmful pass, for the MMD term (only the first call of each module is kept, so a
@@ -269,9 +225,9 @@ class RepNoiseTrainer(DefenseTrainerMixin, SFTTrainer):
             if alpha != 0:
                 harmful_loss = self._harmful_loss(harmful_outputs, harmful_labels)
                 loss = loss - alpha * torch.log(harmful_loss + 1)
-                self.log_metric("repnoise/harmful_loss", harmful_loss)
+                self.log_metric("harmful_loss", harmful_loss)
             if beta != 0:
                 noise_loss = self._noise_loss(mlp_outputs, harmful_answer, harmful["input_ids"].device)
                 loss = loss + beta * noise_loss
-                self.log_metric("repnoise/mmd_noise", noise_loss)
+                self.log_metric("mmd_noise", noise_loss)
         return (loss, outputs) if return_outputs else loss

@@ -6,6 +6,15 @@ from .safelora_config import SafeLoRAConfig
 from .safelora_project import SAFELORA_STATS_NAME, alignment_projection, build_aligned_model, safelora_project
 
 
+_CITATION = """\
+@inproceedings{hsu2024safelora,
+    title     = {{Safe LoRA: the Silver Lining of Reducing Safety Risks when Finetuning Large Language Models}},
+    author    = {Chia-Yi Hsu and Yu-Lin Tsai and Chih-Hsun Lin and Pin-Yu Chen and Chia-Mu Yu and Chun-Ying Huang},
+    booktitle = {Advances in Neural Information Processing Systems},
+    year      = {2024},
+}"""
+
+
 def _post_hoc(
     model,
     config,
@@ -27,7 +36,14 @@ register_defense(
         config_class=SafeLoRAConfig,
         trainer_class=None,
         post_hoc=_post_hoc,
+        title="SafeLoRA",
+        paper={
+            "title": "Safe LoRA: the Silver Lining of Reducing Safety Risks when Fine-tuning Large Language Models",
+            "id": "2405.16833",
+            "citation": _CITATION,
+        },
         description="Post-fine-tuning projection of LoRA updates onto the alignment subspace (Hsu et al.)",
+        neutral_overrides={"num_proj_layers": 0},
     )
 )
 

@@ -67,18 +67,6 @@ class SafeLoRAConfig(DefenseConfigMixin):
         ),
     }
 
-    _name: ClassVar[str] = "SafeLoRA"
-    _paper: ClassVar[dict] = {
-        "title": "Safe LoRA: the Silver Lining of Reducing Safety Risks when Fine-tuning Large Language Models",
-        "id": "2405.16833",
-        "citation": """@inproceedings{hsu2024safelora,
-    title     = {{Safe LoRA: the Silver Lining of Reducing Safety Risks when Finetuning Large Language Models}},
-    author    = {Chia-Yi Hsu and Yu-Lin Tsai and Chih-Hsun Lin and Pin-Yu Chen and Chia-Mu Yu and Chun-Ying Huang},
-    booktitle = {Advances in Neural Information Processing Systems},
-    year      = {2024},
-}""",
-    }
-
     select_layers_type: str = field(
         default="number",
         metadata={

@@ -4,9 +4,9 @@ import logging
 
 from trl import SFTTrainer
 
+from ... import compat
 from ...core.losses import lm_loss
 from ...core.trainer import DefenseTrainerMixin
-from .safety_mix_config import SafetyMixConfig
 
 
 logger = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ class SafetyMixTrainer(DefenseTrainerMixin, SFTTrainer):
     (prepared by the accelerator, sharded across ranks, resumable) and adds their token-mean cross-entropy, weighted
     by λ and divided by the gradient-accumulation steps, to SFT's loss, inside the one backward of the micro-batch. The
     safety forward runs on the bare module so that DDP sees a single forward of the wrapped model. The logged `loss`
-    is the sum, as in the official code; `safety_loss` is logged separately.
+    is the sum, as in the official code; `safety-mix/safety_loss` is logged separately.
 
     Takes every argument of [`~trl.SFTTrainer`] plus `alignment_dataset=` (harmful prompt → refusal or safe answer,
     any TRL format).
@@ -40,27 +40,10 @@ class SafetyMixTrainer(DefenseTrainerMixin, SFTTrainer):
     ```
     """
 
-    defense_name = "safety-mix"
-    stage = "fine-tuning"
-    config_class = SafetyMixConfig
     extra_datasets = ("alignment",)
     unsupported_backends = {
         "fsdp": "the extra forward on the bare module is untested under FSDP (see docs/safety_mix.md).",
     }
-    _name = "Safety-data mixing (Vlguard / SafeInstr)"
-    _paper = {
-        "title": "Safety Fine-Tuning at (Almost) No Cost: A Baseline for Vision Large Language Models",
-        "id": "2402.02207",
-        "citation": (
-            "@inproceedings{zong2024safety,\n"
-            "    title     = {{Safety Fine-Tuning at (Almost) No Cost: A Baseline for Vision Large Language Models}},\n"
-            "    author    = {Yongshuo Zong and Ondrej Bohdal and Tingyang Yu and Yongxin Yang and Timothy Hospedales},\n"
-            "    year      = 2024,\n"
-            "    booktitle = {Proceedings of the 41st International Conference on Machine Learning, {ICML} 2024},\n"
-            "}"
-        ),
-    }
-    _tag_names = ["trl", "sft", "trl-safety", "safety-mix"]
 
     def setup_defense(self) -> None:
         self._safety_batches = (
@@ -81,10 +64,10 @@ class SafetyMixTrainer(DefenseTrainerMixin, SFTTrainer):
         if self._safety_batches is None or not self.model.training:
             return result
         loss, outputs = result if return_outputs else (result, None)
-        safety_batch = self._prepare_inputs(next(self._safety_batches))
+        safety_batch = compat.prepare_inputs(self, next(self._safety_batches))
         safety_loss = lm_loss(self.accelerator.unwrap_model(model), safety_batch)
         # SFT's loss is already scaled for gradient accumulation (normalised by the step's token count); this term is
         # a per-micro-batch mean, so it takes its 1/GA share here
-        loss = loss + self.args.safety_weight * safety_loss / self.current_gradient_accumulation_steps
+        loss = loss + self.args.safety_weight * safety_loss / compat.current_accumulation_steps(self)
         self.log_metric("safety_loss", safety_loss)
         return (loss, outputs) if return_outputs else loss

@@ -19,23 +19,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from trl import SFTTrainer
 
-from ...core.hooks import add_to_outputs, gradient_checkpointing_disabled
+from ... import compat
+from ...core.hooks import gradient_checkpointing_disabled
 from ...core.layers import get_attention_modules, get_decoder_layers
-from ...core.perturbation import activation_gradients, joint_norm, vaccine_perturbations
+from ...core.perturbation import activation_gradients, vaccine_perturbation
 from ...core.trainer import DefenseTrainerMixin
-from .t_vaccine_config import TVaccineConfig
 
 
 logger = logging.getLogger(__name__)
 
-_CITATION = """\
-@article{liu2024targeted,
-    title   = {{Targeted Vaccine: Safety Alignment for Large Language Models against Harmful Fine-Tuning via Layer-wise
-               Perturbation}},
-    author  = {Guozhi Liu and Weiwei Lin and Tiansheng Huang and Ruichao Mo and Qi Mu and Li Shen},
-    journal = {arXiv preprint arXiv:2410.09760},
-    year    = {2024}
-}"""
 
 _DEEPSPEED_REASON = (
     "T-Vaccine freezes inactive layers by toggling `requires_grad`, and DeepSpeed's ZeRO optimizer keeps stepping "
@@ -50,10 +42,10 @@ class TVaccineTrainer(DefenseTrainerMixin, SFTTrainer):
     [`TVaccineConfig`] for the defense's fields.
     """
 
-    defense_name = "t-vaccine"
-    stage = "alignment"
-    config_class = TVaccineConfig
     extra_datasets = ("harmful",)
+    split_dependence = (
+        "ε = ρ·g/‖g‖ with the norm over the whole micro-batch: each row's ε scales with 1/√(micro-batch size)."
+    )
     unsupported_backends = {
         "zero1": _DEEPSPEED_REASON,
         "zero2": _DEEPSPEED_REASON,
@@ -61,14 +53,6 @@ class TVaccineTrainer(DefenseTrainerMixin, SFTTrainer):
         "fsdp": "per-step layer freezing and the activation-gradient probe are untested under FSDP.",
     }
     locates_layers = True
-    _name = "T-Vaccine"
-    _paper = {
-        "title": "Targeted Vaccine: Safety Alignment for Large Language Models against Harmful Fine-Tuning via "
-        "Layer-wise Perturbation",
-        "id": "2410.09760",
-        "citation": _CITATION,
-    }
-    _tag_names = ["trl", "sft", "trl-safety", "t-vaccine"]
 
     def uses_attention_modules(self) -> bool:
         return True
@@ -113,7 +97,7 @@ class TVaccineTrainer(DefenseTrainerMixin, SFTTrainer):
 
     def score_layers(self, model) -> torch.Tensor:
         """p_l ∝ ‖∂h/∂e_l‖ on one harmful batch, averaged over ranks so every rank draws the same layers."""
-        batch = self._prepare_inputs(self._harmful_batch())
+        batch = compat.prepare_inputs(self, self._harmful_batch())
         # Scoring sees every layer: the inactive ones are still checkpointed with frozen adapters from the last
         # step, and making their outputs differentiable inside a checkpointed region breaks its recomputation
         with gradient_checkpointing_disabled(self._layers):
@@ -126,7 +110,7 @@ class TVaccineTrainer(DefenseTrainerMixin, SFTTrainer):
             )
         scores = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
         scores = self.accelerator.reduce(scores, reduction="mean").cpu()
-        self.log_metric("t_vaccine/harmful_loss", harmful_loss)
+        self.log_metric("harmful_loss", harmful_loss)
         total = scores.sum()
         if not torch.isfinite(total) or total <= 0:
             logger.warning("T-Vaccine layer scores are degenerate (sum %s); sampling layers uniformly.", total)
@@ -197,19 +181,19 @@ class TVaccineTrainer(DefenseTrainerMixin, SFTTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         self._prepare_step(model)
-        inputs = self._prepare_inputs(inputs)
-        modules = [self._attention[i] for i in self._active]
-        grads, probe_loss = activation_gradients(
+        inputs = compat.prepare_inputs(self, inputs)
+        # Vaccine restricted to the active layers: the norm of ε is joint over their attention outputs only
+        perturbation = vaccine_perturbation(
             self.accelerator.unwrap_model(model),
             inputs,
-            modules,
+            [self._attention[i] for i in self._active],
+            self.args.rho,
             layers=self._layers,
             autocast=self.compute_loss_context_manager,
         )
-        deltas = vaccine_perturbations(grads, self.args.rho)
-        self.log_metric("t_vaccine/unperturbed_loss", probe_loss)
-        self.log_metric("t_vaccine/perturbation_norm", joint_norm(deltas))
-        with add_to_outputs(modules, deltas):
+        self.log_metric("unperturbed_loss", perturbation.probe_loss)
+        self.log_metric("perturbation_norm", perturbation.perturbation_norm)
+        with perturbation.applied():
             return super().training_step(model, inputs, num_items_in_batch)
 
     def train(self, *args, **kwargs):

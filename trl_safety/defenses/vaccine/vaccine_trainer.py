@@ -14,25 +14,14 @@ import logging
 import torch
 from trl import SFTTrainer
 
-from ...core.hooks import add_to_outputs
+from ... import compat
 from ...core.layers import find_modules, get_attention_modules, get_decoder_layers
-from ...core.perturbation import activation_gradients, gaussian_output_noise, joint_norm, vaccine_perturbations
+from ...core.perturbation import gaussian_output_noise, vaccine_perturbation
 from ...core.seeding import MicroBatchGenerators
 from ...core.trainer import DefenseTrainerMixin
-from .vaccine_config import VaccineConfig
 
 
 logger = logging.getLogger(__name__)
-
-_CITATION = """\
-@inproceedings{huang2024vaccine,
-    title     = {{Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning Attack}},
-    author    = {Tiansheng Huang and Sihao Hu and Ling Liu},
-    booktitle = {Advances in Neural Information Processing Systems},
-    year      = {2024},
-    eprint    = {2402.01109},
-    archivePrefix = {arXiv}
-}"""
 
 
 class VaccineTrainer(DefenseTrainerMixin, SFTTrainer):
@@ -52,21 +41,14 @@ class VaccineTrainer(DefenseTrainerMixin, SFTTrainer):
     ```
     """
 
-    defense_name = "vaccine"
-    stage = "alignment"
-    config_class = VaccineConfig
     extra_datasets = ()
+    split_dependence = (
+        "ε = ρ·g/‖g‖ with the norm over the whole micro-batch: each row's ε scales with 1/√(micro-batch size)."
+    )
     unsupported_backends = {
         "fsdp": "the activation-gradient probe pass is untested under FSDP (see docs/vaccine.md).",
     }
     locates_layers = True
-    _name = "Vaccine"
-    _paper = {
-        "title": "Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning Attack",
-        "id": "2402.01109",
-        "citation": _CITATION,
-    }
-    _tag_names = ["trl", "sft", "trl-safety", "vaccine"]
 
     def uses_attention_modules(self) -> bool:
         return self.args.target_modules is None
@@ -87,7 +69,7 @@ class VaccineTrainer(DefenseTrainerMixin, SFTTrainer):
         if self.args.rho == 0:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
-        inputs = self._prepare_inputs(inputs)
+        inputs = compat.prepare_inputs(self, inputs)
         if self.args.perturbation == "random":
             perturbed = gaussian_output_noise(self._modules, self.args.rho**0.5, self._get_noise_generator(inputs))
         else:
@@ -99,18 +81,18 @@ class VaccineTrainer(DefenseTrainerMixin, SFTTrainer):
     def _worst_case_perturbation(self, model, inputs):
         # The probe runs on the bare module (a ZeRO-2 engine's buckets break otherwise) and produces no parameter
         # gradient, so DDP needs no `no_sync` and gradient accumulation is untouched
-        grads, probe_loss = activation_gradients(
+        perturbation = vaccine_perturbation(
             self.accelerator.unwrap_model(model),
             inputs,
             self._modules,
+            self.args.rho,
             layers=self._layers,
             autocast=self.compute_loss_context_manager,
         )
-        deltas = vaccine_perturbations(grads, self.args.rho)
-        self.log_metric("vaccine/unperturbed_loss", probe_loss)
-        self.log_metric("vaccine/activation_grad_norm", joint_norm(grads))
-        self.log_metric("vaccine/perturbation_norm", joint_norm(deltas))
-        return add_to_outputs(self._modules, deltas)
+        self.log_metric("unperturbed_loss", perturbation.probe_loss)
+        self.log_metric("activation_grad_norm", perturbation.grad_norm)
+        self.log_metric("perturbation_norm", perturbation.perturbation_norm)
+        return perturbation.applied()
 
     # ------------------------------------------------------------------------------------ Random-Vaccine noise
     def _get_noise_generator(self, inputs) -> torch.Generator:

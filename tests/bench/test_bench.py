@@ -7,8 +7,8 @@ import pytest
 from datasets import Dataset
 from testing_utils import build_model, build_tokenizer
 
+from trl_safety.bench import BenchConfig, BenchRunner
 from trl_safety.cli.main import main
-from trl_safety.toy.bench import BenchConfig, BenchRunner
 
 
 MINI = [
@@ -73,8 +73,7 @@ def test_training_stage_is_deterministic_per_seed(cache_dir, tmp_path):
             num_eval_prompts=8, num_task_test=8, seed=seed, output_dir=str(tmp_path / f"s{seed}"), progress=False,
         )  # fmt: skip
         runner = BenchRunner(config)
-        runner._poisoned = runner.data.poisoned(0.1)
-        model = runner._train(runner.data.load_base(), "fine-tuning", "sft")
+        model = runner.train(runner.data.load_base(), "fine-tuning", "sft", poisoned=runner.data.poisoned(0.1))
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     a, b, c = finetuned(0), finetuned(0), finetuned(1)
@@ -117,7 +116,7 @@ def test_paired_data_and_world_refusals_reach_the_trainers(cache_dir, tmp_path, 
         spec = DefenseSpec(
             "recording", "alignment", RecordingConfig, RecordingTrainer, paired_data=paired, bench_overrides={}
         )
-        runner._train(runner.data.load_base(), "alignment", "recording", spec)
+        runner.train(runner.data.load_base(), "alignment", "recording", spec)
         if paired:
             assert seen["train"]["prompt"] == seen["harmful"]["prompt"]
             assert {c.strip() for c in seen["train"]["completion"]} <= set(REFUSALS)

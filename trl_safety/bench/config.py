@@ -1,0 +1,214 @@
+"""Settings of a bench run: the fields both modes use, the toy world's, and the real-model mode's.
+
+`BenchConfig` is flat (one `--flag` per field in `trl-safety bench`, one key per field in `results.json`'s `config`);
+its groups are its base classes. Defaults are the toy world's; `real_defaults()` gives the real-model mode's, the
+evaluation part read from the canonical protocol in `trl_safety.eval.protocols`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+
+BASELINES = ("sft", "no-alignment")
+STAGE_ORDER = {"alignment": 0, "fine-tuning": 1, "post-fine-tuning": 2}
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class BenchRunArguments:
+    """The grid, the data sizes, training, LoRA and evaluation: used in both modes."""
+
+    defenses: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "Defenses to run (registry names, space- or comma-separated); default: every registered defense. "
+            "The sft and no-alignment baselines always run."
+        ),
+    )
+    p: float = field(default=0.1, metadata=_help("Harmful ratio of the poisoned fine-tuning data."))
+    sweep: list[float] | None = field(
+        default=None,
+        metadata=_help(
+            "Several harmful ratios to run (the --p value is always included), e.g. --sweep 0 0.05 0.1 0.2."
+        ),
+    )
+    n: int = field(default=1000, metadata=_help("Number of fine-tuning samples."))
+    seed: int = field(default=0, metadata=_help("Seed of data sampling, mixing and training."))
+    output_dir: str = field(default="bench-out", metadata=_help("Folder for results.json and tradeoff.png."))
+    progress: bool = field(default=True, metadata=_help("Show a progress bar over the stages."))
+    num_alignment: int = field(
+        default=400, metadata=_help("Harmful → refusal alignment rows (toy: plus as many benign → helpful rows).")
+    )
+    num_harmful: int = field(
+        default=400,
+        metadata=_help("Harmful → compliance rows handed to defenses (disjoint from the attack rows)."),
+    )
+    num_eval_prompts: int = field(default=200, metadata=_help("Held-out harmful prompts of the harmful score."))
+    num_task_test: int = field(default=200, metadata=_help("Task test samples of the fine-tune accuracy."))
+    # training
+    align_steps: int | None = field(default=60, metadata=_help("Alignment steps; 0/none: use --align_epochs."))
+    align_epochs: float = field(default=1.0, metadata=_help("Alignment epochs, used when --align_steps is none."))
+    align_lr: float = field(default=1e-3, metadata=_help("Alignment learning rate."))
+    align_batch_size: int = field(default=32, metadata=_help("Alignment batch size per device."))
+    finetune_steps: int | None = field(
+        default=60, metadata=_help("Fine-tuning steps (--steps); 0/none: use --finetune_epochs.")
+    )
+    finetune_epochs: float = field(
+        default=1.0, metadata=_help("Fine-tuning epochs, used when --finetune_steps is none.")
+    )
+    finetune_lr: float = field(default=2e-4, metadata=_help("Fine-tuning learning rate (--lr)."))
+    finetune_batch_size: int = field(default=32, metadata=_help("Fine-tuning batch size per device."))
+    max_length: int = field(default=64, metadata=_help("Maximum tokenized length of a training row."))
+    lr_scheduler_type: str = field(default="constant", metadata=_help("Learning-rate schedule of both stages."))
+    weight_decay: float = field(default=0.0, metadata=_help("Weight decay of both stages."))
+    bf16: bool = field(default=False, metadata=_help("Train in bf16."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Use gradient checkpointing."))
+    use_cpu: bool = field(default=True, metadata=_help("Train on the CPU even when a GPU is present."))
+    # LoRA: rank 0 means full fine-tuning
+    align_lora_r: int = field(default=0, metadata=_help("LoRA rank of the alignment adapter (0: full fine-tuning)."))
+    lora_r: int = field(default=8, metadata=_help("LoRA rank of the fine-tuning adapter (0: full fine-tuning)."))
+    lora_alpha: float = field(default=16, metadata=_help("LoRA alpha of both adapters."))
+    lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout of both adapters."))
+    lora_target_modules: list[str] | str = field(
+        default="all-linear", metadata=_help("LoRA target modules (names, or all-linear).")
+    )
+    lora_mode: str = field(
+        default="double",
+        metadata=_help("double: merge the alignment adapter and train a fresh one; single: keep training it."),
+    )
+    # evaluation
+    judge: str = field(
+        default="keyword",
+        metadata=_help(
+            "Harmful-score judge: keyword, beaver-dam, or a classifier path (see trl_safety.eval.load_judge)."
+        ),
+    )
+    max_new_tokens: int = field(default=8, metadata=_help("New tokens per answer to a harmful prompt."))
+    task_max_new_tokens: int = field(default=3, metadata=_help("New tokens per answer to a task test prompt."))
+    eval_batch_size: int = field(default=100, metadata=_help("Generation batch size of the evaluation."))
+    # torch intra-op threads (toy default 1: its matrices are too small to gain from more, and with other processes on
+    # the cores OpenMP's spinning threads make 2 threads ~10x slower than 1); None leaves torch's setting
+    num_threads: int | None = field(
+        default=1, metadata=_help("torch intra-op threads during the run; 0/none: leave torch's setting.")
+    )
+
+
+@dataclass
+class ToyWorldArguments:
+    """The embedded toy world (the default mode)."""
+
+    world_seed: int = field(
+        default=0, metadata=_help("Seed of the toy world (its splits; the base model is cached per world seed).")
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata=_help("Toy base-model cache (default $TRL_SAFETY_TOY_CACHE or ~/.cache/trl_safety/toy)."),
+    )
+    # None: the recipe's default; another value is cached separately
+    base_pretrain_steps: int | None = field(
+        default=None, metadata=_help("Pretraining steps of the toy base model (default: the recipe's).")
+    )
+
+
+@dataclass
+class RealModelArguments:
+    """Real-model mode: set by `model`; the data are the papers', loaded by id (or from local copies) at run time."""
+
+    model: str | None = field(
+        default=None,
+        metadata=_help(
+            "A Hub id or local path of a real causal LM: switches to real-model mode with the canonical protocol's "
+            "defaults (docs/design/algorithms.md §6.5), each overridable by its flag."
+        ),
+    )
+    alignment_dataset: str | None = field(
+        default=None, metadata=_help("Real mode: the paired-refusal file (Hub id or local path).")
+    )
+    alignment_dataset_config: str | None = field(
+        default=None, metadata=_help("Real mode: adapter options of the alignment data (key=value,...).")
+    )
+    harmful_dataset: str | None = field(
+        default=None, metadata=_help("Real mode: BeaverTails (Hub id or local path) for the attack rows.")
+    )
+    harmful_dataset_config: str | None = field(
+        default=None, metadata=_help("Real mode: adapter options of the attack data (key=value,...).")
+    )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata=_help("Real mode: source of the harmful-score prompts (default: the harmful dataset's 30k_test)."),
+    )
+    task: str | None = field(default=None, metadata=_help("Real mode: user task (sst2, agnews, gsm8k)."))
+    task_dataset: str | None = field(default=None, metadata=_help("Real mode: local copy of the task dataset."))
+    template: str | None = field(
+        default=None,
+        metadata=_help("Real mode: prompt template of the data and of generation (alpaca, alpaca_newline, chat)."),
+    )
+    torch_dtype: str | None = field(
+        default=None, metadata=_help("Real mode: dtype the model is loaded in (e.g. bfloat16).")
+    )
+
+
+@dataclass
+class BenchConfig(RealModelArguments, ToyWorldArguments, BenchRunArguments):
+    """Settings of a bench run. Toy-world defaults; `model` switches to real-model mode (see `real_defaults`)."""
+
+    @property
+    def toy(self) -> bool:
+        return self.model is None
+
+    @property
+    def ratios(self) -> list[float]:
+        return sorted({*(self.sweep or []), self.p})
+
+
+# The canonical protocol's training setting (docs/design/algorithms.md §6.5, Booster's); its evaluation part comes
+# from `trl_safety.eval.protocols` in `real_defaults`
+REAL_MODEL_TRAINING = dict(
+    model="meta-llama/Llama-2-7b-hf",
+    alignment_dataset="anonymous4486/repnoise_beavertail",
+    harmful_dataset="PKU-Alignment/BeaverTails",
+    num_alignment=5000,
+    num_harmful=5000,
+    align_steps=None,
+    align_epochs=20,
+    align_lr=5e-4,
+    align_batch_size=10,
+    finetune_steps=None,
+    finetune_epochs=20,
+    finetune_lr=1e-5,
+    finetune_batch_size=10,
+    max_length=256,
+    weight_decay=0.1,
+    bf16=True,
+    use_cpu=False,
+    align_lora_r=32,
+    lora_r=32,
+    lora_alpha=4,
+    lora_target_modules=["q_proj", "k_proj", "v_proj"],
+    lora_mode="single",
+    task_max_new_tokens=16,
+    num_threads=None,
+    eval_batch_size=16,
+    task="sst2",
+)
+
+
+def real_defaults(protocol: str = "canonical") -> dict:
+    """The real-model mode's defaults: the canonical training setting plus the protocol's evaluation settings."""
+    from ..eval.protocols import get_protocol
+
+    preset = get_protocol(protocol)
+    values = copy.deepcopy(REAL_MODEL_TRAINING)  # its lists must not be shared between configs
+    values.update(
+        judge=preset.judge,
+        max_new_tokens=preset.max_new_tokens,
+        num_eval_prompts=preset.num_prompts,
+        num_task_test=preset.task_test_sets[values["task"]][1],
+        template=preset.template,
+    )
+    return values

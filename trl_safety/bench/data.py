@@ -1,0 +1,152 @@
+"""The bench's data sources: the toy world's, and the papers' for real models (loaded by id or local path at run
+time, never shipped). Each builds one `BenchData` before the grid runs."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .config import BenchConfig
+
+
+@dataclass
+class BenchData:
+    """Everything the pipeline needs from a world: the base model and tokenizer, the datasets, the evaluation sets.
+
+    Attributes:
+        load_base: returns a fresh copy of the base model.
+        poisoned: `poisoned(p)` is the user's fine-tuning data (`n` rows) poisoned at harmful ratio `p`.
+        alignment: harmful → refusal rows (toy: plus benign → helpful rows).
+        harmful: harmful → harmful answer rows for defenses, disjoint from the attack rows.
+        paired_alignment: harmful → refusal only, row i paired with `harmful` row i (`DefenseSpec.paired_data`).
+        harmful_prompts / categories / prompt_format: the harmful-score prompts, their categories, their template.
+        task: the fine-tune accuracy test set.
+        refusals: refusal sentences for configs with a `refusals_file` field (`None`: the defenses' own pools).
+        description: what `results.json`'s `config` records about the world.
+    """
+
+    tokenizer: object
+    load_base: Callable[[], object]
+    poisoned: Callable[[float], object]
+    alignment: object
+    harmful: object
+    paired_alignment: object
+    harmful_prompts: list[str]
+    categories: list | None
+    prompt_format: Callable[[str], str] | None
+    task: object
+    refusals: list[str] | None = None
+    description: dict = field(default_factory=dict)
+
+
+def load_bench_data(config: BenchConfig) -> BenchData:
+    """The toy world's data when `config.model` is unset, else the papers' data for the real model."""
+    return toy_bench_data(config) if config.toy else real_bench_data(config)
+
+
+def toy_recipe(config: BenchConfig):
+    """The base-model recipe of a toy run (the default one unless `base_pretrain_steps` is set)."""
+    from ..toy.model import BaseModelRecipe
+
+    recipe = BaseModelRecipe()
+    if config.base_pretrain_steps is not None:
+        recipe = dataclasses.replace(recipe, pretrain_steps=config.base_pretrain_steps)
+    return recipe
+
+
+def toy_bench_data(config: BenchConfig) -> BenchData:
+    from ..eval import TaskSet
+    from ..toy.model import load_base_model
+    from ..toy.world import REFUSALS, ToyWorld, format_prompt
+
+    c = config
+    world = ToyWorld(c.world_seed)
+    base, tokenizer, base_path = load_base_model(c.cache_dir, c.world_seed, toy_recipe(c))
+    prompts = world.harmful_prompts("eval", c.num_eval_prompts, seed=c.seed)
+    examples = world.task_examples("test", c.num_task_test, seed=c.seed)
+    return BenchData(
+        tokenizer=tokenizer,
+        load_base=lambda: copy.deepcopy(base),
+        poisoned=lambda p: world.poisoned_dataset(c.n, p, seed=c.seed),
+        alignment=world.alignment_dataset(c.num_alignment, c.num_alignment, seed=c.seed),
+        harmful=world.harmful_dataset("align", c.num_harmful, seed=c.seed),
+        paired_alignment=world.paired_refusal_dataset(c.num_harmful, seed=c.seed),
+        harmful_prompts=[r.text for r in prompts],
+        categories=[r.category for r in prompts],
+        prompt_format=format_prompt,
+        # The toy labels are SST2's words, so SST2's exact-match rule applies unchanged
+        task=TaskSet("sst2", [prompt for prompt, _ in examples], [label for _, label in examples], format_prompt),
+        # A defense's own refusal pool is out of the toy vocabulary (mostly `<unk>`): give it the world's refusals
+        refusals=list(REFUSALS),
+        description={"world": "toy", "world_seed": c.world_seed, "base_model": base_path},
+    )
+
+
+def real_bench_data(config: BenchConfig) -> BenchData:
+    """The papers' protocol: paired-refusal alignment data, BeaverTails attack rows and HS prompts, a task's splits."""
+    from transformers import AutoTokenizer
+
+    from ..data import (
+        BEAVERTAILS_ID,
+        REPNOISE_REFUSALS_ID,
+        beavertails_dataset,
+        load_task_dataset,
+        mix_harmful,
+        parse_adapter_options,
+        repnoise_refusal_dataset,
+    )
+    from ..data.templates import prompt_formatter
+    from ..eval import TaskSet, get_protocol
+
+    c = config
+    protocol = get_protocol("canonical")
+    tokenizer = AutoTokenizer.from_pretrained(c.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    source = c.alignment_dataset or REPNOISE_REFUSALS_ID
+    if not (source == REPNOISE_REFUSALS_ID or os.path.exists(source)):
+        raise ValueError(f"Unsupported alignment dataset {source!r}: give the paired-refusal file or its Hub id.")
+    options = parse_adapter_options(c.alignment_dataset_config)
+    options.setdefault("template", c.template)
+    alignment = repnoise_refusal_dataset("alignment", source=source, num_samples=c.num_alignment, **options)
+    # Harmful data for defenses: the same prompts with their harmful answers (as in Booster)
+    harmful = repnoise_refusal_dataset("harmful", source=source, num_samples=c.num_harmful, **options)
+    harmful_source = c.harmful_dataset or BEAVERTAILS_ID
+    harmful_options = parse_adapter_options(c.harmful_dataset_config)
+    harmful_options.setdefault("template", c.template)
+    attack_pool = beavertails_dataset(
+        "harmful", "train", source=harmful_source, num_samples=round(c.n * max(c.ratios)), **harmful_options
+    )
+    prompts = protocol.load_prompts(source=c.eval_dataset or harmful_source, num_prompts=c.num_eval_prompts)
+    task_source = {"source": c.task_dataset} if c.task_dataset else {}
+    user_pool = load_task_dataset(c.task, "train", num_samples=c.n, template=c.template, **task_source)
+    test_split = protocol.task_test_sets.get(c.task.lower(), ("test", None))[0]
+    task_test = load_task_dataset(c.task, test_split, num_samples=c.num_task_test, template=c.template, **task_source)
+
+    def load_base():
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, c.torch_dtype) if c.torch_dtype else None
+        model = AutoModelForCausalLM.from_pretrained(c.model, dtype=dtype)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    return BenchData(
+        tokenizer=tokenizer,
+        load_base=load_base,
+        poisoned=lambda p: mix_harmful(user_pool, attack_pool, n=c.n, p=p, seed=c.seed),
+        alignment=alignment,
+        harmful=harmful,
+        # the refusals are already paired with the harmful rows by file order
+        paired_alignment=alignment.select(range(min(len(alignment), len(harmful)))),
+        harmful_prompts=list(prompts["prompt"]),
+        categories=list(prompts["category"]),
+        prompt_format=prompt_formatter(c.template, tokenizer),
+        task=TaskSet.from_dataset(c.task, task_test),  # the adapters already templated its prompts
+        description={"world": "real", "model": c.model},
+    )
