@@ -50,6 +50,29 @@ WRAPPED_ATTRIBUTES = {
     "current_gradient_accumulation_steps": (transformers.Trainer, "self.current_gradient_accumulation_steps ="),
 }
 
+# `trl.trainer.utils` function (not exported by `trl`) -> the compat function calling it, and the keywords it passes
+WRAPPED_FUNCTIONS = {
+    "generate_model_card": (
+        "generate_model_card",
+        {
+            "base_model",
+            "model_name",
+            "hub_model_id",
+            "dataset_name",
+            "tags",
+            "wandb_url",
+            "trackio_url",
+            "comet_url",
+            "trainer_name",
+            "trainer_citation",
+            "paper_title",
+            "paper_id",
+        },
+    ),
+    "get_trackio_space_url": ("tracker_urls", set()),
+    "get_comet_experiment_url": ("tracker_urls", set()),
+}
+
 # Names no file of the package but compat.py may reach as attributes (or through getattr)
 PRIVATE_NAMES = {method for _, method, _ in WRAPPED_METHODS.values()} | set(WRAPPED_ATTRIBUTES)
 # Overridden private hooks: reachable only as `super().<name>(...)` inside an override of the same name
@@ -80,6 +103,33 @@ def test_wrapped_private_method_keeps_its_signature(wrapper):
     assert parameter_names(getattr(owner, method)) == expected, (
         f"{owner.__name__}.{method} (used by compat.{wrapper}) changed signature"
     )
+
+
+@pytest.mark.parametrize("function", sorted(WRAPPED_FUNCTIONS))
+def test_wrapped_trl_function_takes_the_keywords_compat_passes(function):
+    wrapper, keywords = WRAPPED_FUNCTIONS[function]
+    assert callable(getattr(compat, wrapper))
+    target = getattr(trl.trainer.utils, function, None)
+    assert target is not None, f"trl.trainer.utils.{function} (used by compat.{wrapper}) is gone"
+    assert keywords <= set(inspect.signature(target).parameters), f"trl.trainer.utils.{function} changed signature"
+
+
+def test_trl_card_has_the_sections_the_card_builder_splices():
+    # `core/card.py` replaces TRL's quick start and adds to its framework-version list; both must still be there
+    card = compat.generate_model_card(
+        base_model=None,
+        model_name="m",
+        hub_model_id="o/m",
+        dataset_name=None,
+        tags=[],
+        trainer_name="SFT",
+        wandb_url=None,
+        trackio_url=None,
+        comet_url=None,
+    )
+    assert {"## Quick start", "## Training procedure", "## Citations"} <= set(card.text.splitlines())
+    assert f"- TRL: {trl.__version__}" in card.text.split("### Framework versions", 1)[1]
+    assert set(compat.tracker_urls()) == {"wandb_url", "trackio_url", "comet_url"}
 
 
 @pytest.mark.parametrize("attribute", sorted(WRAPPED_ATTRIBUTES))
@@ -263,6 +313,11 @@ def test_metrics_buffer_and_token_count_reach_the_logs(trainer):
     logged = trainer.state.log_history[-1]
     assert logged["compat/probe"] == 4.0  # TRL averages the buffer over the logging interval
     assert compat.metrics_buffer(trainer, "train") == {}  # and flushes it
+
+
+def test_metrics_buffer_presence(trainer):
+    assert compat.has_metrics_buffer(trainer)  # every TRL trainer keeps one
+    assert not compat.has_metrics_buffer(object())  # a plain transformers Trainer has no `_metrics`
 
 
 def test_training_counts_tokens_and_accumulation_steps(trainer):

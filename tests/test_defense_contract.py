@@ -262,7 +262,9 @@ def test_post_hoc_repair_output_names_the_defense(tmp_path, spec):
     model, kwargs = post_hoc_inputs(tmp_path)
     config = spec.config_class()
     repaired = spec.post_hoc(model, config, **kwargs)
-    args = PruneArguments(model="trl-safety-testing/tiny-llama-finetuned", output_dir=str(tmp_path / "out"))
+    args = PruneArguments(
+        model_name_or_path="trl-safety-testing/tiny-llama-finetuned", output_dir=str(tmp_path / "out")
+    )
     save_repaired(repaired, build_tokenizer(), spec, config, args, is_adapter=True, base_name="tiny-llama")
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"{spec.title} (`{spec.name}`)" in card

@@ -200,6 +200,17 @@ def _install(site, distribution, module, source, entry_points):
     (info / "entry_points.txt").write_text("[trl_safety.defenses]\n" + "".join(f"{e}\n" for e in entry_points))
 
 
+def _listed(stdout: str) -> list[tuple[str, str]]:
+    """`(stage, name)` per defense line of `trl-safety defenses` (a `stage:` heading, then indented lines)."""
+    listed, stage = [], None
+    for line in stdout.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            stage = line[:-1]
+        elif line.strip():
+            listed.append((stage, line.split()[0]))
+    return listed
+
+
 def _run(site, *args):
     env = {
         **os.environ,
@@ -219,9 +230,11 @@ def test_entry_point_plugin_is_listed_and_found(tmp_path):
     )
     listing = _run(tmp_path, "-m", "trl_safety.cli.main", "defenses")
     assert listing.returncode == 0, listing.stderr
-    names = [line.split()[0] for line in listing.stdout.splitlines()]
+    listed = _listed(listing.stdout)
+    names = [name for _, name in listed]
     assert {"demo-plugin", "demo-callable", "vaccine", "antidote"} <= set(names)
-    assert names == sorted(names)  # one listing, plugins and built-ins together
+    # one listing, plugins and built-ins together: by stage in pipeline order, names sorted within a stage
+    assert listed == sorted(listed, key=lambda pair: (registry.STAGES.index(pair[0]), pair[1]))
     assert "Could not load" not in listing.stderr
 
     found = _run(
@@ -256,8 +269,9 @@ def test_broken_plugin_warns_and_built_ins_stay(tmp_path):
     assert "Could not load the defense plugin 'broken'" in listing.stderr
     assert "trl-safety-broken" in listing.stderr  # the distribution to uninstall or fix
     assert "RuntimeError: boom at import" in listing.stderr
-    names = [line.split()[0] for line in listing.stdout.splitlines()]
-    assert names == [spec.name for spec in sorted(builtin_defenses(), key=lambda s: s.name)]  # the built-ins, only
+    names = [name for _, name in _listed(listing.stdout)]
+    expected = sorted(builtin_defenses(), key=lambda s: (registry.STAGES.index(s.stage), s.name))
+    assert names == [spec.name for spec in expected]  # the built-ins, only
 
 
 # ------------------------------------------------------------------------------------------------------- docs

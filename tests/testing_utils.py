@@ -5,6 +5,7 @@ Nothing here touches the Hub. Builders are cached per process so a test session 
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import random
@@ -117,9 +118,20 @@ WORDS = [
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
 
-@functools.cache
 def build_tokenizer(path: str | None = None) -> PreTrainedTokenizerFast:
-    """A small BPE tokenizer trained on a random-word corpus, with pad/bos/eos and a training-ready chat template."""
+    """A small BPE tokenizer trained on a random-word corpus, with pad/bos/eos and a training-ready chat template.
+
+    Trained once per process; each call returns its own copy, so a test that edits it (e.g. drops the chat template)
+    cannot change the tokenizer of the tests that run after it.
+    """
+    tokenizer = copy.deepcopy(_trained_tokenizer())
+    if path is not None:
+        tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+@functools.cache
+def _trained_tokenizer() -> PreTrainedTokenizerFast:
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]
     corpus += ["user assistant system", ".,!?:;'\"()-0123456789#"]
@@ -141,8 +153,6 @@ def build_tokenizer(path: str | None = None) -> PreTrainedTokenizerFast:
         additional_special_tokens=["<|im_start|>"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    if path is not None:
-        tokenizer.save_pretrained(path)
     return tokenizer
 
 

@@ -33,6 +33,8 @@ __all__ = [
     "extend_signature_columns",
     "formatting_func",
     "fused_forward",
+    "generate_model_card",
+    "has_metrics_buffer",
     "metrics_buffer",
     "num_items_in_batch",
     "prepare_dataset",
@@ -40,6 +42,7 @@ __all__ = [
     "remove_unused_columns",
     "strip_fused_lm_head",
     "total_train_tokens",
+    "tracker_urls",
     "train_batch_size",
     "uses_fused_lm_head",
 ]
@@ -165,6 +168,13 @@ def metrics_buffer(trainer, mode: str):
     return trainer._metrics[mode]
 
 
+def has_metrics_buffer(trainer) -> bool:
+    """Whether `trainer` keeps TRL's per-interval metric buffers (`_metrics = {"train": ..., "eval": ...}`, set by
+    every TRL trainer: SFT, DPO, GRPO, KTO, …, and flushed by their `log`); a plain `transformers.Trainer` has none."""
+    buffers = getattr(trainer, "_metrics", None)
+    return isinstance(buffers, dict) and "train" in buffers
+
+
 def count_train_tokens(trainer, num_tokens: int) -> int:
     """Add `num_tokens` to `SFTTrainer._total_train_tokens` (the `num_tokens` metric) and return the new total."""
     trainer._total_train_tokens += int(num_tokens)
@@ -206,3 +216,28 @@ def strip_fused_lm_head(model: nn.Module) -> nn.Module:
 
 def _has_instance_forward(module: nn.Module) -> bool:
     return isinstance(vars(module).get("forward"), types.MethodType)
+
+
+# ------------------------------------------------------------------------------------------------ model cards
+def generate_model_card(**kwargs):
+    """TRL's model card (`trl.trainer.utils.generate_model_card`, which every TRL trainer's `create_model_card`
+    renders): title, quick start, training procedure with tracker badges and framework versions, the method's and
+    TRL's citations. Keyword arguments as that function's (`base_model`, `model_name`, `hub_model_id`, …)."""
+    from trl.trainer.utils import generate_model_card as _generate
+
+    return _generate(**kwargs)
+
+
+def tracker_urls() -> dict[str, str | None]:
+    """The experiment-tracker links `create_model_card` of TRL's trainers puts on the card, as
+    `generate_model_card` keywords: the live W&B run, the Trackio Space and the Comet experiment
+    (`trl.trainer.utils.get_trackio_space_url` / `get_comet_experiment_url`)."""
+    from transformers import is_wandb_available
+    from trl.trainer.utils import get_comet_experiment_url, get_trackio_space_url
+
+    wandb_url = None
+    if is_wandb_available():
+        import wandb
+
+        wandb_url = wandb.run.url if wandb.run is not None else None
+    return {"wandb_url": wandb_url, "trackio_url": get_trackio_space_url(), "comet_url": get_comet_experiment_url()}

@@ -202,3 +202,82 @@ def test_bad_anchor_and_arguments(tmp_path):
     )
     with pytest.raises(ValueError, match="shape"):
         trainer.train()
+
+
+class LogRecorder(TrainerCallback):
+    """Stands in for a `report_to` integration: registered before the proximal callback, as integrations are."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append({**logs, "step": state.global_step})
+
+
+def _logged(entries):
+    return [(e["step"], e["proximal_term"]) for e in entries if "proximal_term" in e]
+
+
+def _expected_means(values, logging_steps):
+    """Mean of the per-step values over each logging interval, keyed by the step the interval ends at."""
+    return [
+        (end, sum(values[end - logging_steps : end]) / logging_steps)
+        for end in range(logging_steps, len(values) + 1, logging_steps)
+    ]
+
+
+@pytest.mark.parametrize("give_trainer", [True, False])
+def test_term_reaches_the_sft_logs(tmp_path, give_trainer):
+    integration = LogRecorder()
+    proximal = ProximalCallback(rho=2.0, reanchor_steps=3)
+    values = GradRecorder(proximal)
+    trainer = SFTTrainer(
+        build_model(seed=0),
+        tiny_config(tmp_path, max_steps=4, logging_steps=2, per_device_train_batch_size=2, learning_rate=5e-2),
+        train_dataset=prompt_completion_dataset(8),
+        processing_class=build_tokenizer(),
+        callbacks=[integration, proximal, values],
+    )
+    if give_trainer:
+        proximal.trainer = trainer
+    trainer.train()
+    assert values.values[1] > 0  # a real, moving value (the anchor is the initial weights until step 3)
+    # the values the callback applied, averaged as TRL averages its metrics: the same floats summed in the same order
+    # (TRL's `sum(val) / len(val)` and the test's), so exact
+    expected = _expected_means(values.values, 2)
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    assert _logged(history) == expected and len(history) == 2
+    if give_trainer:  # in the same entry as the loss, and it reached the integration
+        assert _logged(integration.logs) == expected
+        assert all("loss" in e for e in integration.logs if "proximal_term" in e)
+
+
+def test_term_reaches_a_plain_trainer_integration(tmp_path):
+    """On a transformers `Trainer` (no TRL metric buffer) the term is logged right after each training log."""
+    from transformers import Trainer, TrainingArguments
+
+    tokenizer = build_tokenizer()
+    rows = [tokenizer(p + c)["input_ids"] for p, c in zip(*prompt_completion_dataset(8)[:].values())]
+    dataset = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    integration = LogRecorder()
+    proximal = ProximalCallback(rho=2.0)
+    values = GradRecorder(proximal)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        per_device_train_batch_size=1,
+        max_steps=4,
+        logging_steps=2,
+        learning_rate=5e-2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(build_model(seed=0), args, train_dataset=dataset, callbacks=[integration, proximal, values])
+    proximal.trainer = trainer
+    trainer.train()
+    expected = _expected_means(values.values, 2)
+    assert _logged(integration.logs) == expected and expected[1][1] > 0
+    assert _logged(trainer.state.log_history) == expected
+    # the regular loss logs still happen at the same steps
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [2, 4]

@@ -23,6 +23,7 @@ def _warm_up() -> None:
     import trl_safety.cli.bench  # noqa: F401
     import trl_safety.cli.defenses  # noqa: F401
     import trl_safety.cli.eval  # noqa: F401
+    import trl_safety.cli.merge  # noqa: F401
     import trl_safety.cli.prune  # noqa: F401
     import trl_safety.cli.push  # noqa: F401
     import trl_safety.cli.train  # noqa: F401

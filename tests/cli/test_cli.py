@@ -55,7 +55,24 @@ def test_defenses_command_lists_registry(capsys):
     assert main(["defenses"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     specs = list_defenses()
-    if specs:
-        assert [line.split()[0] for line in lines] == [spec.name for spec in specs]
-    else:
+    if not specs:
         assert lines == ["No defense registered."]
+        return
+    # grouped by stage in pipeline order (a heading per stage present, a blank line between groups), names sorted
+    stages = ("alignment", "fine-tuning", "post-fine-tuning")
+    expected = []
+    for stage in stages:
+        names = sorted(spec.name for spec in specs if spec.stage == stage)
+        if names:
+            expected += ([""] if expected else []) + [f"{stage}:"] + [f"  {name}" for name in names]
+    assert [line if not line.startswith("  ") else "  " + line.split()[0] for line in lines] == expected
+    # each defense line carries its unsupported backends and description
+    for spec in specs:
+        (line,) = [line for line in lines if line.split() and line.split()[0] == spec.name]
+        assert line.rstrip().endswith(spec.description)
+        assert "unsupported: " + (", ".join(spec.unsupported_backends) or "-") in line
+
+    assert main(["defenses", "--stage", "post-fine-tuning"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "post-fine-tuning:"
+    assert [line.split()[0] for line in lines[1:]] == sorted(s.name for s in specs if s.stage == "post-fine-tuning")

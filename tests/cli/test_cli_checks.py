@@ -150,7 +150,7 @@ def test_eval_resolves_the_judge_before_loading_the_model(files, monkeypatch, ca
     _forbid(monkeypatch, cli_eval, "load_model_and_tokenizer")
     _forbid(monkeypatch, trl_safety.eval, "harmful_score")
     for judge, words in [("foo", "unknown judge 'foo'"), ("./nope-judge", "does not exist")]:
-        assert main(["eval", "--model", "model", "--prompts", "prompts.jsonl", "--judge", judge]) == 2
+        assert main(["eval", "--model_name_or_path", "model", "--prompts", "prompts.jsonl", "--judge", judge]) == 2
         err = capsys.readouterr().err
         assert err.startswith("trl-safety eval: error: ") and words in err and len(err.splitlines()) == 1
 
@@ -183,7 +183,7 @@ def test_prune_and_bench_check_before_loading(files, monkeypatch, capsys):
 
     _forbid(monkeypatch, cli_prune, "load_model_for_repair")
     _forbid(monkeypatch, trl_safety.bench, "run_bench")
-    argv = ["prune", "--defense", "antidote", "--model", "model", "--output_dir", "out"]
+    argv = ["prune", "--defense", "antidote", "--model_name_or_path", "model", "--output_dir", "out"]
     assert main([*argv, "--harmful_dataset_name", "./nope.jsonl"]) == 2
     assert "--harmful_dataset_name: dataset path './nope.jsonl' does not exist" in capsys.readouterr().err
     assert main(["bench", "--judge", "foo", "--output-dir", "out"]) == 2
@@ -198,5 +198,6 @@ def test_internal_errors_keep_their_traceback(files, monkeypatch):
         raise KeyError("a bug")
 
     monkeypatch.setattr(cli_eval, "load_model_and_tokenizer", broken)
+    argv = ["eval", "--model_name_or_path", "model", "--prompts", "prompts.jsonl", "--judge", "keyword"]
     with pytest.raises(KeyError, match="a bug"):
-        main(["eval", "--model", "model", "--prompts", "prompts.jsonl", "--judge", "keyword"])
+        main([*argv, "--num_prompts", "1"])

@@ -23,6 +23,7 @@ MODEL = "MODEL"  # placeholders, replaced by the fixture's paths
 DATA = "DATA"
 PROMPTS = "PROMPTS"
 ADAPTER = "ADAPTER"
+TYPO_YAML = "TYPO_YAML"  # a config file with a misspelt key (the fixture writes it)
 
 
 def train(command, *extra):
@@ -31,11 +32,12 @@ def train(command, *extra):
 
 
 def evaluate(*extra):
-    return ["eval", "--model", MODEL, "--prompts", PROMPTS, "--judge", "keyword", "--device", "cpu", *extra]
+    argv = ["eval", "--model_name_or_path", MODEL, "--prompts", PROMPTS, "--judge", "keyword", "--device", "cpu"]
+    return [*argv, *extra]
 
 
 def prune(*extra):
-    argv = ["prune", "--defense", "antidote", "--model", MODEL, "--output_dir", "out"]
+    argv = ["prune", "--defense", "antidote", "--model_name_or_path", MODEL, "--output_dir", "out"]
     return [*argv, "--harmful_dataset_name", DATA, *extra]
 
 
@@ -80,6 +82,27 @@ CASES = {
         ("--config './nope.yaml': no such file", "YAML"),
     ),
     "sft-missing-dataset": (train("sft", "--dataset_name", "./nope.jsonl"), ("--dataset_name", *NO_DATASET)),
+    "sft-typo-flag": (
+        train("sft", "--lerning_rate", "1e-5"),
+        ("unrecognized argument --lerning_rate", "--learning_rate"),
+    ),
+    "sft-typo-flag-with-a-defense": (
+        train("sft", "--defense", "lisa", "--alignmnet_steps", "5", "--num_processes", "2"),
+        ("unrecognized argument --alignmnet_steps", "did you mean --alignment_steps?"),
+    ),
+    "sft-typo-yaml-key": (
+        train("sft", "--config", TYPO_YAML),
+        ("unknown key 'lerning_rate'", "did you mean 'learning_rate'?"),
+    ),
+    "sft-typo-defense": (train("sft", "--defense", "lsia"), ("unknown defense 'lsia'", "did you mean 'lisa'?")),
+    "sft-typo-profile": (
+        train("sft", "--accelerate_config", "zero22"),
+        ("unknown accelerate profile 'zero22'", "did you mean 'zero2'?"),
+    ),
+    "sft-bad-accelerate-value": (
+        train("sft", "--num_processes", "abc"),
+        ("accelerate launch: argument --num_processes", "invalid int value: 'abc'"),
+    ),
     "sft-missing-alignment-dataset": (
         train("sft", "--defense", "lisa", "--alignment_dataset_name", "data/nope.jsonl"),
         ("--alignment_dataset_name", "'data/nope.jsonl' does not exist"),
@@ -99,20 +122,47 @@ CASES = {
     ),
     "eval-unknown-protocol": (evaluate("--protocol", "nope"), ("unknown protocol 'nope'", "booster")),
     "eval-missing-model": (
-        ["eval", "--model", "./nope-model", "--judge", "keyword"],
-        ("--model './nope-model'", *NOT_FOUND),
+        ["eval", "--model_name_or_path", "./nope-model", "--judge", "keyword"],
+        ("--model_name_or_path './nope-model'", *NOT_FOUND),
     ),
     "eval-adapter-without-its-base": (
-        ["eval", "--model", ADAPTER, "--judge", "keyword"],
+        ["eval", "--model_name_or_path", ADAPTER, "--judge", "keyword"],
         ("'./gone-base'", "no such folder", "--base_model"),
     ),
     "eval-missing-prompts": (evaluate("--prompts", "./nope.jsonl"), ("--prompts", *NO_DATASET)),
     # prune
     "prune-unknown-defense": (prune("--defense", "nope"), ("unknown defense 'nope'", "antidote", "safelora")),
-    "prune-missing-model": (prune("--model", "./nope-model"), ("--model './nope-model'", *NOT_FOUND)),
+    "prune-missing-model": (
+        prune("--model_name_or_path", "./nope-model"),
+        ("--model_name_or_path './nope-model'", *NOT_FOUND),
+    ),
     "prune-missing-harmful-dataset": (
         prune("--harmful_dataset_name", "./nope.jsonl"),
         ("--harmful_dataset_name", *NO_DATASET),
+    ),
+    "prune-typo-flag": (prune("--prune_rato", "0.1"), ("unrecognized argument --prune_rato", "--prune_ratio")),
+    "prune-typo-yaml-key": (prune("--config", TYPO_YAML), ("unknown key 'lerning_rate'",)),
+    # merge
+    "merge-not-an-adapter": (
+        ["merge", "--model_name_or_path", MODEL, "--output_dir", "out"],
+        ("holds no adapter_config.json", "not a PEFT adapter folder"),
+    ),
+    "merge-adapter-without-its-base": (
+        ["merge", "--model_name_or_path", ADAPTER, "--output_dir", "out"],
+        ("'./gone-base'", "no such folder", "--adapter_base_model"),
+    ),
+    "merge-missing-output-dir": (
+        ["merge", "--model_name_or_path", ADAPTER],
+        ("the following arguments are required: --output_dir",),
+    ),
+    "merge-typo-flag": (
+        ["merge", "--model_name_or_path", ADAPTER, "--output_dirr", "out"],
+        ("unrecognized argument --output_dirr", "did you mean --output_dir?"),
+    ),
+    # defenses
+    "defenses-typo-flag": (
+        ["defenses", "--stages", "alignment"],
+        ("unrecognized argument --stages", "did you mean --stage?"),
     ),
     # push
     "push-missing-folder": (
@@ -121,13 +171,15 @@ CASES = {
     ),
     # bench
     "bench-unknown-defense": (bench("--defenses", "nope"), ("unknown defenses ['nope']", "vaccine")),
+    "bench-typo-flag": (bench("--sweeep", "0.1"), ("unrecognized argument --sweeep", "did you mean --sweep?")),
+    "bench-typo-yaml-key": (bench("--config", TYPO_YAML), ("unknown key 'lerning_rate'",)),
     "bench-unknown-judge": (bench("--judge", "foo"), ("unknown judge 'foo'", "beaver-dam")),
     "bench-missing-model": (
-        bench("--model", "./nope-model", "--judge", "keyword"),
-        ("--model './nope-model'", *NOT_FOUND),
+        bench("--model_name_or_path", "./nope-model", "--judge", "keyword"),
+        ("--model_name_or_path './nope-model'", *NOT_FOUND),
     ),
     "bench-missing-dataset": (
-        bench("--model", MODEL, "--judge", "keyword", "--alignment_dataset", "./nope.jsonl"),
+        bench("--model_name_or_path", MODEL, "--judge", "keyword", "--alignment_dataset", "./nope.jsonl"),
         ("--alignment_dataset", *NO_DATASET),
     ),
 }
@@ -144,6 +196,7 @@ def workdir(tmp_path_factory):
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "adapter").mkdir()
     (root / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "./gone-base"}))
+    (root / "typo.yaml").write_text("lerning_rate: 1.0e-5\n")
     (root / "data").mkdir()
     (root / "runs").mkdir()
     return root
@@ -161,6 +214,7 @@ def _substitute(argv, root):
         DATA: root / "train.jsonl",
         PROMPTS: root / "prompts.jsonl",
         ADAPTER: root / "adapter",
+        TYPO_YAML: root / "typo.yaml",
     }
     return [str(paths[a]) if a in paths else a for a in argv]
 

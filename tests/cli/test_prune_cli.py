@@ -40,7 +40,15 @@ def test_prune_antidote_on_an_adapter_folder(tmp_path):
     prompt_completion_dataset(5, seed=2).to_json(str(harmful))
     out = tmp_path / "out"
 
-    argv = ["prune", "--defense", "antidote", "--model", adapter_dir, "--harmful_dataset_name", str(harmful)]
+    argv = [
+        "prune",
+        "--defense",
+        "antidote",
+        "--model_name_or_path",
+        adapter_dir,
+        "--harmful_dataset_name",
+        str(harmful),
+    ]
     argv += ["--prune_ratio", "0.25", "--output_dir", str(out), "--device", "cpu"]
     assert main(argv) == 0
 
@@ -68,7 +76,7 @@ def test_prune_safelora_with_an_alignment_adapter(tmp_path):
     finetuned_dir = save_adapter(str(tmp_path / "aligned"), tmp_path / "finetuned", seed=4)
     out = tmp_path / "out"
 
-    argv = ["prune", "--defense", "safelora", "--model", finetuned_dir, "--base_model", base_dir]
+    argv = ["prune", "--defense", "safelora", "--model_name_or_path", finetuned_dir, "--base_model", base_dir]
     argv += ["--aligned_model", alignment_dir, "--num_proj_layers", "3", "--output_dir", str(out), "--device", "cpu"]
     assert main(argv) == 0
 

@@ -4,6 +4,7 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
+import yaml
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 from testing_utils import build_model, build_tokenizer, prompt_completion_dataset, tiny_config
@@ -170,3 +171,125 @@ def test_lora_run_card_names_base_model_and_defense(tmp_path):
     assert "| harmful_score | 5 |" in card.text
     info = json.loads((tmp_path / "defense_config.json").read_text())
     assert info["base_model"] == "org/tiny-qwen" and info["is_adapter"] is True
+
+
+EVAL_REPORT = {  # the shape `trl-safety eval` writes (cli/eval.py)
+    "model": "run",
+    "protocol": {"name": "vaccine", "prompt_source": "PKU-Alignment/BeaverTails", "prompt_split": "30k_test"},
+    "harmful_score": {
+        "score": 25.0,
+        "flags": [True, False, False, False],
+        "judge": "keyword",
+        "per_category": {"violence": 50.0},
+        "num_prompts": 4,
+        "num_flagged": 1,
+    },
+    "finetune_accuracy": {"task": "sst2", "accuracy": 75.0, "correct": [True, True, True, False]},
+}
+
+
+def yaml_header(text: str) -> dict:
+    """The card's YAML header, parsed independently of huggingface_hub."""
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("\n---\n", 1)[0][4:])
+
+
+def test_lora_run_card_has_trls_sections_the_defense_section_and_model_index(tmp_path):
+    folder = tmp_path / "tiny-run"
+    trainer = TinyDefenseTrainer(
+        build_model("qwen2", name="org/tiny-qwen"),
+        tiny_config(folder, TinyDefenseConfig),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=build_tokenizer(),
+        peft_config=LoraConfig(r=2, target_modules=["q_proj"]),
+    )
+    trainer.train()
+    # TRL's own card for this run, from TRL's create_model_card (the class after the mixin in the MRO)
+    super(DefenseTrainerMixin, trainer).create_model_card(model_name="tiny-run", dataset_name="org/task")
+    trl_text = ModelCard.load(folder / "README.md").text
+    (folder / "eval_report.json").write_text(json.dumps(EVAL_REPORT))
+    trainer.save_model()
+    text = (folder / "README.md").read_text()
+
+    # TRL's content from its training procedure on, line by line and in order (blank lines aside)
+    trl_lines = [line.strip() for line in trl_text[trl_text.index("## Training procedure") :].splitlines()]
+    lines = iter(line.strip() for line in text.splitlines())
+    missing = [line for line in trl_lines if line and not any(line == other for other in lines)]
+    assert missing == []
+    assert "This model was trained with TinyDefense, a method introduced in [Tiny]" in text
+    assert "Cite TRL as:" in text and "@software{vonwerra2020trl," in text and "@article{tiny}" in text
+    assert "- trl-safety: " in text and "- PEFT: " in text  # added to TRL's framework versions
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## Quick start", "## Harmful fine-tuning defense", "## Training procedure", "## Citations"]
+    assert text.count("## Quick start") == 1  # TRL's pipeline quick start is replaced by ours
+    quick_start = text[text.index("## Quick start") : text.index("## Harmful fine-tuning defense")]
+    assert 'AutoTokenizer.from_pretrained("tiny-run")' in quick_start
+    assert 'AutoPeftModelForCausalLM.from_pretrained("tiny-run")' in quick_start and "model.generate(" in quick_start
+
+    # the defense section, with the report's numbers
+    assert "| Defense | TinyDefense (`tiny-defense`) |" in text and "- `tiny_strength`: `0.5`" in text
+    assert "| harmful_score | 25 |" in text and "Read from `eval_report.json`" in text
+
+    header = yaml_header(text)
+    assert header["library_name"] == "peft" and header["base_model"] == "org/tiny-qwen"
+    assert {"trl", "sft", "trl-safety", "tiny-defense", "generated_from_trainer"} <= set(header["tags"])
+    (index,) = header["model-index"]
+    assert index["name"] == "tiny-run"
+    by_task = {r["task"]["name"]: r for r in index["results"]}
+    hs, fa = by_task["Harmful score"], by_task["Fine-tune accuracy"]
+    assert hs["task"]["type"] == fa["task"]["type"] == "text-generation"
+    assert hs["dataset"] == {
+        "name": "PKU-Alignment/BeaverTails",
+        "type": "PKU-Alignment/BeaverTails",
+        "split": "30k_test",
+    }
+    assert [(m["type"], m["value"]) for m in hs["metrics"]] == [
+        ("harmful_score", 25.0),
+        ("harmful_score/violence", 50.0),
+    ]
+    assert fa["dataset"] == {"name": "sst2", "type": "sst2"}
+    assert [(m["type"], m["value"]) for m in fa["metrics"]] == [("finetune_accuracy", 75.0)]
+
+
+def test_model_index_only_for_results_on_recorded_data(tmp_path):
+    # explicit results name no dataset: shown in the table, not indexed (the Hub needs a dataset per entry)
+    card = build_model_card(INFO, "m", results={"harmful_score": 42.8})
+    assert "model-index" not in yaml_header(str(card))
+    # a bench results.json: the toy world's data; baseline rows and bench settings are not the model's results
+    bench = {
+        "config": {"p": 0.1, "n": 100, "seed": 0, "judge": "keyword"},
+        "rows": [
+            {"name": "sft", "defense": None, "harmful_score": 71.0, "finetune_accuracy": 98.0},
+            {"name": "vaccine", "defense": "vaccine", "harmful_score": 40.5, "finetune_accuracy": 97.5},
+        ],
+    }
+    (tmp_path / "results.json").write_text(json.dumps(bench))
+    found = find_results(str(tmp_path), "vaccine")
+    assert found["eval_datasets"] == {
+        "harmful_score": {"name": "trl_safety toy world"},
+        "finetune_accuracy": {"name": "trl_safety toy world sentiment"},
+    }
+    card = build_model_card(INFO, "m", results=found["metrics"], eval_datasets=found["eval_datasets"])
+    metrics = {
+        m["type"]: m["value"] for r in yaml_header(str(card))["model-index"][0]["results"] for m in r["metrics"]
+    }
+    assert metrics == {"harmful_score": 40.5, "finetune_accuracy": 97.5}
+
+
+def test_full_model_card_quick_start_runs(tmp_path, capsys):
+    """The card's quick start, pointed at the saved folder, loads the tokenizer and model and generates."""
+    folder = tmp_path / "run"
+    trainer = TinyDefenseTrainer(
+        build_model(seed=0),
+        tiny_config(folder, TinyDefenseConfig, max_steps=1),
+        train_dataset=prompt_completion_dataset(),
+        processing_class=build_tokenizer(),
+    )
+    trainer.train()
+    trainer.save_model()
+    text = (folder / "README.md").read_text()
+    code = text.split("## Quick start", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert code.count('"run"') == 2  # the tokenizer and the model, from the repository id (here the folder name)
+    exec(compile(code.replace('"run"', repr(str(folder))), "quick_start", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.strip()  # a decoded answer of the untrained tiny model

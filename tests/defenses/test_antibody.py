@@ -10,7 +10,6 @@ from peft import LoraConfig
 from testing_utils import (
     build_model,
     build_tokenizer,
-    conversational_dataset,
     conversational_prompt_completion_dataset,
     prompt_completion_dataset,
     text_dataset,
@@ -229,11 +228,91 @@ def test_train_save_and_card(tmp_path, mode):
     assert get_defense("antibody").trainer_class is AntibodyTrainer
 
 
+def multi_turn(n=6):
+    """`messages` rows with an earlier exchange before the last assistant turn, and the same rows split by hand."""
+    pc = prompt_completion_dataset(n, seed=1)
+    messages, prompts, completions, flags = [], [], [], []
+    for i, (p, c) in enumerate(zip(pc["prompt"], pc["completion"])):
+        before = [
+            {"role": "user", "content": f"hello {i}"},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": p},
+        ]
+        last = {"role": "assistant", "content": c.strip()}
+        messages.append([*before, last])
+        prompts.append(before)
+        completions.append([last])
+        flags.append(i % 2 == 0)
+    as_messages = Dataset.from_dict({"messages": messages, "is_harmful": flags})
+    as_pc = Dataset.from_dict({"prompt": prompts, "completion": completions, "is_harmful": flags})
+    return as_messages, as_pc
+
+
+def test_messages_data_trains_with_refusal_views_of_the_prompt(tmp_path):
+    dataset, by_hand = multi_turn()
+    refusals = ["sorry cannot help", "sorry i refuse"]
+    trainer = AntibodyTrainer(
+        build_model(seed=0),
+        tiny_config(tmp_path, AntibodyConfig, max_steps=2, max_length=96),
+        train_dataset=dataset,
+        processing_class=build_tokenizer(),
+        refusals=refusals,
+    )
+    tokenizer = build_tokenizer()
+    assert len(trainer.train_dataset) == len(dataset)
+    for example in trainer.train_dataset:
+        row = example["_trl_safety_row"]
+        view = trainer.refusal_view.row(row)
+        # the refusal view: the chat-templated turns before the last assistant turn, then the refusal as that turn
+        prompt_text = tokenizer.apply_chat_template(by_hand[row]["prompt"], tokenize=False)
+        assert tokenizer.decode(view["input_ids"]).startswith(prompt_text + "<|im_start|>assistant")
+        answer = tokenizer.decode([t for t, label in zip(view["input_ids"], view["labels"]) if label != -100])
+        assert answer.startswith(refusals[row % 2])
+        # the sample's loss is on its last assistant turn only (prompt/completion masking), not on the earlier "hi"
+        target = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+        assert target.startswith(by_hand[row]["completion"][0]["content"])
+    trainer.train()
+    assert all(0 <= log["antibody/harmful_weight_share"] <= 1 for log in trainer.state.log_history if "loss" in log)
+
+
+def test_messages_data_equals_the_same_rows_as_prompt_completion(tmp_path):
+    dataset, by_hand = multi_turn()
+    grads, weights = [], []
+    for name, data in (("messages", dataset), ("pc", by_hand)):
+        trainer = AntibodyTrainer(
+            build_model(seed=0),
+            tiny_config(
+                tmp_path / name, AntibodyConfig, temperature=0.05, max_length=96, per_device_train_batch_size=3
+            ),
+            train_dataset=data,
+            processing_class=build_tokenizer(),
+        )
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        grads.append((batch, grads_after_step(trainer, [batch], accumulation=1)))
+        trainer.train()
+        weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    (batch_m, (loss_m, grad_m)), (batch_p, (loss_p, grad_p)) = grads
+    for key in batch_p:  # the same tokens, masks and refusal views reach the step
+        assert torch.equal(batch_m[key], batch_p[key]), key
+    # same kernels on the same inputs (docs/testing.md): exact
+    assert torch.equal(loss_m[0], loss_p[0])
+    for name, grad in grad_p.items():
+        assert torch.equal(grad_m[name], grad), name
+    for name, value in weights[1].items():
+        assert torch.equal(weights[0][name], value), name
+
+
+@pytest.mark.parametrize("turns", [[("user", "a")], [("user", "a"), ("assistant", "b"), ("user", "c")]])
+def test_messages_rows_that_cannot_be_split_are_refused(tmp_path, turns):
+    rows = [[{"role": role, "content": text} for role, text in turns]] * 2
+    with pytest.raises(ValueError, match="train_dataset row 0"):
+        make_trainer(tmp_path, dataset=Dataset.from_dict({"messages": rows}))
+
+
 @pytest.mark.parametrize(
     "dataset, kwargs, message",
     [
-        (conversational_dataset, {}, "prompt/completion"),
-        (text_dataset, {}, "prompt/completion"),
+        (text_dataset, {}, r"prompt/completion data \(standard or conversational\) or conversational `messages`"),
         (prompt_completion_dataset, {"packing": True}, "packing"),
         (prompt_completion_dataset, {"padding_free": True}, "padding_free"),
     ],

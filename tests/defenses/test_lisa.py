@@ -296,3 +296,27 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, reentrant):
     for name, param in checkpointed.items():
         # checkpointed recompute vs one graph: may reorder gradient sums (docs/testing.md); observed equal
         torch.testing.assert_close(param, plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize(
+    "schedule, warns",
+    [
+        ({"max_steps": 2, "alignment_steps": 2}, True),  # both steps are alignment steps
+        ({"max_steps": -1, "num_train_epochs": 1, "alignment_steps": 3}, True),  # 8 rows / batch 4 = 2 steps ≤ 3
+        ({"max_steps": 3, "alignment_steps": 2}, False),  # step 2 trains on the user's data
+    ],
+)
+def test_warns_when_the_schedule_never_reaches_the_user_data(tmp_path, caplog, schedule, warns):
+    trainer = LisaTrainer(
+        build_model(seed=0),
+        tiny_config(tmp_path, LisaConfig, finetune_steps=5, **schedule),
+        train_dataset=prompt_completion_dataset(8),
+        alignment_dataset=alignment_dataset(),
+        processing_class=build_tokenizer(),
+    )
+    with caplog.at_level("WARNING", logger="trl_safety.defenses.lisa.lisa_trainer"):
+        trainer.train()
+    warnings = [r.getMessage() for r in caplog.records if "no step trains on `train_dataset`" in r.getMessage()]
+    assert len(warnings) == (1 if warns else 0)  # once per run, not once per step
+    phases = [log["lisa/alignment_phase"] for log in trainer.state.log_history if "lisa/alignment_phase" in log]
+    assert (0.0 not in phases) == warns  # the warning says exactly when no fine-tuning step ran

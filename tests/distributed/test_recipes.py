@@ -58,13 +58,14 @@ def test_recipe_parses(path):
         from trl_safety.registry import get_defense
 
         parser = HfArgumentParser((PruneArguments, get_defense(defense).config_class))
-        prune_args, config = parser.parse_yaml_file(path, allow_extra_keys=False)
+        assert values.get("defense", defense) == defense, f"{path}: `defense:` vs the header's --defense"
+        prune_args, config = parser.parse_dict({k: v for k, v in values.items() if k != "defense"})
         # The header's flags and the YAML agree
         for flag, value in options.items():
             key = flag.lstrip("-")
-            if key != "defense":
+            if key not in ("defense", "config"):
                 assert str(values[key]) == value, f"{path}: {flag} {value} vs YAML {values[key]}"
-        parsed = {**vars(prune_args), **vars(config)}
+        parsed = {**vars(prune_args), **vars(config), "defense": defense}
     else:
         assert command in ("align", "sft"), command
         assert options.get("--config") == os.path.relpath(path, ROOT), f"{path}: the command names another file"

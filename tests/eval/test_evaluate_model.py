@@ -165,7 +165,7 @@ def test_cli_eval_reaches_evaluate_model(calls, tmp_path, monkeypatch):
     # `--judge` takes names only: the name resolves to the test judge
     monkeypatch.setattr(trl_safety.eval, "load_judge", lambda name, **kwargs: PositiveJudge())
     out = tmp_path / "report.json"
-    argv = ["eval", "--model", str(tmp_path / "model"), "--prompts", str(prompts), "--judge", "keyword"]
+    argv = ["eval", "--model_name_or_path", str(tmp_path / "model"), "--prompts", str(prompts), "--judge", "keyword"]
     argv += ["--max_new_tokens", "6", "--task", "sst2", "--task_data", str(sst2), "--template", "none"]
     argv += ["--output", str(out), "--no_progress", "--device", "cpu"]
     assert main(argv) == 0

@@ -6,12 +6,16 @@ import logging
 
 from transformers import TrainerCallback
 
+from .. import compat
 from ..core.config import check_range
 from ..core.proximal import ProximalTerm, anchor_from_pretrained, micro_batches_in_step, proximal_active
 from ..core.snapshot import trainable_parameters
+from .logging_utils import log_metrics
 
 
 logger = logging.getLogger(__name__)
+
+METRIC = "proximal_term"  # the callback's namespace (docs/design/architecture.md §14), as Lisa's `lisa/proximal_term`
 
 
 class ProximalCallback(TrainerCallback):
@@ -40,8 +44,16 @@ class ProximalCallback(TrainerCallback):
             limit without alignment data). `None` keeps it fixed.
         warmup_ratio (`float`, *optional*, defaults to `0.0`):
             The term is off for optimizer steps `0 … ⌊warmup_ratio · max_steps⌋` (Lisa's official warm-up uses 0.1).
+        trainer ([`~transformers.Trainer`], *optional*, defaults to `None`):
+            The trainer this callback is added to (it can also be set later as `callback.trainer`). With it, the term
+            reaches every `report_to` integration (W&B, TensorBoard, Trackio, …): on a TRL trainer it joins TRL's
+            averaged metrics and is logged with the step's `loss`; on a plain `Trainer` it is logged through
+            `Trainer.log` right after each training log. Without it, it is added to the training logs that
+            `state.log_history` and the console receive, after the integrations have already been called.
 
-    The last applied value of ρ/2‖w − anchor‖² is kept in `last_value` after every optimizer step.
+    The value ρ/2‖w − anchor‖² applied in each optimizer step is logged as `proximal_term` (averaged over the logging
+    interval, like `loss`; the callback namespace rule of `docs/design/architecture.md` §14), and the last one is kept
+    in `last_value`.
 
     Example:
 
@@ -49,13 +61,15 @@ class ProximalCallback(TrainerCallback):
     from trl import DPOConfig, DPOTrainer
     from trl_safety.callbacks import ProximalCallback
 
+    proximal = ProximalCallback(rho=1.0, anchor="path/to/aligned-model")
     trainer = DPOTrainer(
         model=model,
         args=DPOConfig(output_dir="dpo-proximal"),
         train_dataset=preference_dataset,
         processing_class=tokenizer,
-        callbacks=[ProximalCallback(rho=1.0, anchor="path/to/aligned-model")],
+        callbacks=[proximal],
     )
+    proximal.trainer = trainer  # so `proximal_term` reaches report_to
     trainer.train()
     ```
     """
@@ -66,8 +80,10 @@ class ProximalCallback(TrainerCallback):
         anchor: str | None = None,
         reanchor_steps: int | None = None,
         warmup_ratio: float = 0.0,
+        trainer=None,
     ):
         self.rho = rho
+        self.trainer = trainer
         self.anchor = anchor
         self.reanchor_steps = reanchor_steps
         self.warmup_ratio = warmup_ratio
@@ -77,6 +93,8 @@ class ProximalCallback(TrainerCallback):
         self.term: ProximalTerm | None = None
         self.last_value: float | None = None
         self._scale = 1.0
+        self._unlogged: list[float] = []  # values of the steps since the last training log (no TRL buffer)
+        self._logging = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -90,6 +108,7 @@ class ProximalCallback(TrainerCallback):
         if self.anchor is not None:
             adapter = getattr(model, "active_adapter", "default")
             anchor = anchor_from_pretrained(self.anchor, params, adapter if isinstance(adapter, str) else "default")
+        self._unlogged.clear()
         self.term = ProximalTerm(params, self.rho, anchor=anchor, scale=lambda: self._scale)
         if self.rho > 0:
             self.term.attach()
@@ -106,8 +125,33 @@ class ProximalCallback(TrainerCallback):
         self.term.enabled = proximal_active(step, state.max_steps, self.warmup_ratio)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.term is not None:
-            self.last_value = self.term.pop_value() or 0.0
+        if self.term is None:
+            return
+        self.last_value = self.term.pop_value() or 0.0
+        if self.trainer is not None and compat.has_metrics_buffer(self.trainer):
+            # TRL averages the buffer over the logging interval and logs it with the step's loss
+            compat.metrics_buffer(self.trainer, "train")[METRIC].append(self.last_value)
+        else:
+            self._unlogged.append(self.last_value)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Only the regular training logs (they carry `loss`; evaluation logs carry `eval_loss`), never our own
+        if self._logging or not self._unlogged or logs is None or "loss" not in logs:
+            return
+        metrics = {METRIC: sum(self._unlogged) / len(self._unlogged)}
+        self._unlogged.clear()
+        if self.trainer is not None:
+            # A plain Trainer: a log of its own, which goes through `on_log` to every integration
+            self._logging = True
+            try:
+                log_metrics(self.trainer, state, control, metrics)
+            finally:
+                self._logging = False
+            return
+        # Without the trainer: the entry `Trainer.log` just appended, and the callbacks after this one
+        logs.update(metrics)
+        if state.log_history:
+            state.log_history[-1].update(metrics)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.term is not None:

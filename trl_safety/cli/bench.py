@@ -2,12 +2,12 @@
 
 ```bash
 trl-safety bench                                  # the toy world on CPU, every defense, p=0.1 (a few minutes)
-trl-safety bench --defenses vaccine lisa --sweep 0 0.05 0.1 0.2 --output-dir bench-out
+trl-safety bench --defenses vaccine lisa --sweep 0 0.05 0.1 0.2 --output_dir bench-out
 # the papers' protocol (docs/design/algorithms.md §6.5) on a GPU: Llama-2-7B, RepNoise refusals, BeaverTails, SST2, beaver-dam
-trl-safety bench --model meta-llama/Llama-2-7b-hf --task sst2 --judge beaver-dam --output-dir bench-llama2
+trl-safety bench --model_name_or_path meta-llama/Llama-2-7b-hf --task sst2 --judge beaver-dam --output_dir bench-llama2
 ```
 
-Writes `results.json` and `tradeoff.png` into `--output-dir` and prints the table.
+Writes `results.json` and `tradeoff.png` into `--output_dir` and prints the table.
 """
 
 from __future__ import annotations
@@ -20,10 +20,15 @@ import os
 import sys
 import warnings
 
-from trl_safety.cli.checks import UsageError, check_dataset, check_judge, check_model
+from trl_safety.cli.checks import OneLineArgumentParser, UsageError, check_dataset, check_judge, check_model
+from trl_safety.cli.recipe import parse_args_with_config
 
 
-# Flags whose name differs from the BenchConfig field (each field's help is in its metadata)
+# One listed spelling per option, TRL's underscores (`--model_name_or_path`, as `sft`/`align`/`prune`/`merge`).
+# Flags whose name differs from the BenchConfig field (each field's help is in its metadata):
+PRIMARY = {"model": "model_name_or_path"}
+# Old spellings still accepted, not listed in --help, because documented commands use them: every field's dashed form
+# (`--output-dir`), `--model`, `--steps` / `--lr`, `--no-progress`
 ALIASES = {"steps": "finetune_steps", "lr": "finetune_lr"}
 
 
@@ -42,15 +47,18 @@ def _optional_int(value: str) -> int | None:
 def make_parser(prog: str = "trl-safety bench") -> argparse.ArgumentParser:
     from trl_safety.bench import BenchConfig
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=prog,
         description="Align, attack with poisoned fine-tuning, defend and evaluate every registered defense. "
-        "Runs the embedded toy world on CPU by default; --model switches to a real model.",
+        "Runs the embedded toy world on CPU by default; --model_name_or_path switches to a real model. Every option "
+        "is also a key of a YAML --config file (`model_name_or_path: ...`); flags override the file.",
     )
+    parser.add_argument("--config", default=None, help="YAML file of options (keys: the option names below).")
     reverse_alias = {v: k for k, v in ALIASES.items()}
     for f in dataclasses.fields(BenchConfig):
         if f.name == "progress":
             continue
+        primary = f"--{PRIMARY.get(f.name, f.name)}"
         names = {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
         if f.name in reverse_alias:
             names |= {f"--{reverse_alias[f.name]}"}
@@ -73,8 +81,12 @@ def make_parser(prog: str = "trl-safety bench") -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else None
         if kwargs["help"] is not None and default is not None:
             kwargs["help"] = (kwargs["help"] + f" (toy default: {default})").strip()
-        parser.add_argument(*sorted(names, key=len), **kwargs)
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=True, help="No progress bar.")
+        parser.add_argument(primary, **kwargs)
+        hidden = sorted(names - {primary})
+        if hidden:
+            parser.add_argument(*hidden, **{**kwargs, "help": argparse.SUPPRESS})
+    parser.add_argument("--no_progress", dest="progress", action="store_false", default=True, help="No progress bar.")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=True, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help="Show INFO logs of the pipeline and the defenses.")
     return parser
 
@@ -82,7 +94,7 @@ def make_parser(prog: str = "trl-safety bench") -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     from trl_safety.bench import BenchConfig, real_defaults
 
-    given = {k: v for k, v in vars(args).items() if k != "verbose"}
+    given = {k: v for k, v in vars(args).items() if k not in ("verbose", "config")}
     if given.get("defenses"):
         given["defenses"] = [d for item in given["defenses"] for d in item.split(",") if d]
     if given.get("lora_target_modules") and len(given["lora_target_modules"]) == 1:
@@ -102,7 +114,7 @@ def check_bench_config(config) -> None:
         if unknown:
             raise UsageError(f"unknown defenses {unknown}; registered: {', '.join(sorted(known))}.")
     if not config.toy:
-        check_model(config.model, "--model")
+        check_model(config.model, "--model_name_or_path")
         for name in ("alignment_dataset", "harmful_dataset", "eval_dataset", "task_dataset"):
             check_dataset(getattr(config, name), f"--{name}")
     check_judge(config.judge)
@@ -110,7 +122,7 @@ def check_bench_config(config) -> None:
 
 def run(argv: list[str], prog: str = "trl-safety bench", command: str | None = "bench") -> int:
     parser = make_parser(prog)
-    args = parser.parse_args(argv)
+    args = parse_args_with_config(parser, argv)
     level = logging.INFO if args.verbose else logging.WARNING
     for name in ("HF_HUB_DISABLE_TELEMETRY", "TOKENIZERS_PARALLELISM"):
         os.environ.setdefault(name, "1" if name.startswith("HF") else "false")

@@ -8,11 +8,39 @@ Hugging Face cache, never at the network, and load no weights.
 
 from __future__ import annotations
 
+import argparse
 import os
 
 
 class UsageError(Exception):
     """A mistake in the command line: printed as `<prog>: error: <message>` (one line), exit code 2."""
+
+
+class OneLineErrors:
+    """Mixin for an `argparse.ArgumentParser` (or `HfArgumentParser`) subclass: its errors are a `UsageError` (one
+    line, no usage block), a typo'd flag with the closest option: `unrecognized argument --sweeep; did you mean
+    --sweep?`."""
+
+    def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flag = message[len(prefix) :].split()[0].split("=", 1)[0]
+            options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            hint = did_you_mean(flag, options).replace("'", "") if flag.startswith("-") else ""
+            raise UsageError(f"unrecognized argument {flag}{hint}")
+        raise UsageError(message)
+
+
+class OneLineArgumentParser(OneLineErrors, argparse.ArgumentParser):
+    """`argparse.ArgumentParser` with one-line errors (`OneLineErrors`)."""
+
+
+def did_you_mean(name: str, candidates, prefix: str = "") -> str:
+    """`"; did you mean 'x'?"` for the closest of `candidates` to a mistyped `name` (`difflib`), else `""`."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f"; did you mean {prefix}{close[0]!r}?" if close else ""
 
 
 def offline() -> bool:
@@ -148,8 +176,10 @@ def check_defense(name: str, stages: tuple[str, ...] | None, command: str | None
         return
     offered = [spec.name for spec in specs if stages is None or spec.stage in stages]
     where = f" for `trl-safety {command}`" if command else ""
+    hint = did_you_mean(name, [spec.name for spec in specs])
     raise UsageError(
-        f"unknown defense {name!r}; available{where}: {', '.join(offered) or 'none'} "
+        f"unknown defense {name!r}{f'{hint} Available' if hint else '; available'}{where}: "
+        f"{', '.join(offered) or 'none'} "
         "(`trl-safety defenses` lists them all)."
     )
 

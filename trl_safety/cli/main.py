@@ -13,6 +13,7 @@ from trl_safety.cli.checks import UsageError
 COMMANDS = {
     "align": ("trl_safety.cli.train", "Run an alignment-stage defense (Vaccine, Booster, …) on alignment data"),
     "sft": ("trl_safety.cli.train", "Fine-tune with plain SFT or a fine-tuning-stage defense (Lisa, Antibody, …)"),
+    "merge": ("trl_safety.cli.merge", "Merge a LoRA adapter (e.g. the alignment stage's) into its base model"),
     "prune": ("trl_safety.cli.prune", "Repair a fine-tuned model with a post-fine-tuning defense (Antidote, …)"),
     "eval": ("trl_safety.cli.eval", "Evaluate harmful score and fine-tune accuracy of a model or adapter"),
     "bench": ("trl_safety.cli.bench", "Run the align → attack → defend → evaluate benchmark (toy world by default)"),

@@ -2,18 +2,22 @@
 
 ```bash
 # Antidote: prune the fine-tuning LoRA adapter on harmful calibration data
-trl-safety prune --defense antidote --model sft-run/ --harmful_dataset_name data/harmful.jsonl \
+trl-safety prune --defense antidote --model_name_or_path sft-run/ --harmful_dataset_name data/harmful.jsonl \
     --prune_ratio 0.1 --output_dir sft-run-antidote
 
+# the same from a recipe (every flag is a YAML key, `defense:` included); flags after it override the file
+trl-safety prune --defense antidote --config recipes/antidote/gsm8k_prune.yaml
+
 # SafeLoRA: project the adapter onto the alignment subspace (aligned = base + merged alignment adapter)
-trl-safety prune --defense safelora --model sft-run/ --base_model meta-llama/Llama-2-7b-hf \
+trl-safety prune --defense safelora --model_name_or_path sft-run/ --base_model meta-llama/Llama-2-7b-hf \
     --aligned_model vaccine-aligned/ --num_proj_layers 10 --output_dir sft-run-safelora
 ```
 
-A `--model` folder holding `adapter_config.json` is a PEFT adapter: it is loaded on its base model (the one recorded
+A `--model_name_or_path` folder holding `adapter_config.json` is a PEFT adapter: it is loaded on its base model (the one recorded
 in the adapter config, or `--adapter_base_model`) and the repaired adapter is saved. Any other folder or Hub id is
 loaded as a full model and saved whole. The output folder also gets `defense_config.json`, a model card, and the
-defense's statistics (`antidote_mask_stats.json`, `safelora_stats.json`).
+defense's statistics (`antidote_mask_stats.json`, `safelora_stats.json`). `--model` is an old spelling of
+`--model_name_or_path`, still accepted (not listed in `--help`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from trl_safety.cli.checks import (
 class PruneArguments:
     """Script arguments of `trl-safety prune` (the defense's own config adds its hyperparameters)."""
 
-    model: str = field(
+    model_name_or_path: str = field(
         metadata={"help": "Fine-tuned model (folder or Hub id), or a PEFT adapter folder, loaded on its base model."}
     )
     output_dir: str = field(metadata={"help": "Where to save the repaired model or adapter."})
@@ -86,26 +90,28 @@ def _load_tokenizer(*sources: str | None):
 
 
 def load_model_for_repair(args: PruneArguments):
-    """Load `args.model` (full model, or adapter on its base). Returns `(model, tokenizer, is_adapter, base_name)`."""
+    """Load `args.model_name_or_path` (full model, or adapter on its base). Returns `(model, tokenizer, is_adapter, base_name)`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code}
-    is_adapter = os.path.isfile(os.path.join(args.model, "adapter_config.json"))
+    is_adapter = os.path.isfile(os.path.join(args.model_name_or_path, "adapter_config.json"))
     if is_adapter:
         from peft import PeftConfig, PeftModel
 
-        base_name = args.adapter_base_model or PeftConfig.from_pretrained(args.model).base_model_name_or_path
+        base_name = (
+            args.adapter_base_model or PeftConfig.from_pretrained(args.model_name_or_path).base_model_name_or_path
+        )
         if base_name is None:
-            raise SystemExit(f"{args.model} does not record its base model; pass --adapter_base_model.")
+            raise SystemExit(f"{args.model_name_or_path} does not record its base model; pass --adapter_base_model.")
         base = AutoModelForCausalLM.from_pretrained(base_name, **kwargs)
-        model = PeftModel.from_pretrained(base, args.model, is_trainable=False)
-        tokenizer = _load_tokenizer(args.model, base_name)
+        model = PeftModel.from_pretrained(base, args.model_name_or_path, is_trainable=False)
+        tokenizer = _load_tokenizer(args.model_name_or_path, base_name)
     else:
-        base_name = args.model
-        model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
-        tokenizer = _load_tokenizer(args.model)
+        base_name = args.model_name_or_path
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+        tokenizer = _load_tokenizer(args.model_name_or_path)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), tokenizer, is_adapter, base_name
 
@@ -138,7 +144,7 @@ def save_repaired(model, tokenizer, spec, config, args: PruneArguments, is_adapt
         "paper": dict(spec.paper),
         "base_model": base_name,
         "is_adapter": is_adapter,
-        "repaired_model": args.model,
+        "repaired_model": args.model_name_or_path,
         "licence_notes": list(spec.licence_notes),
     }
     with open(os.path.join(args.output_dir, DEFENSE_CONFIG_NAME), "w") as f:
@@ -149,23 +155,46 @@ def save_repaired(model, tokenizer, spec, config, args: PruneArguments, is_adapt
 
 def check_prune_arguments(args: PruneArguments, config) -> None:
     """The models and datasets the repair names can be found, before anything is loaded."""
-    check_model(args.model, "--model")
-    check_adapter_base(args.model, args.adapter_base_model, "--adapter_base_model")
+    check_model(args.model_name_or_path, "--model_name_or_path")
+    check_adapter_base(args.model_name_or_path, args.adapter_base_model, "--adapter_base_model")
     for flag in ("adapter_base_model", "base_model", "aligned_model"):
         check_model(getattr(args, flag), f"--{flag}")
     check_dataset_fields(config)
 
 
-def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "prune") -> int:
-    from transformers import HfArgumentParser
+def _old_spellings(argv: list[str]) -> list[str]:
+    """`--model` (the old spelling, still in some commands) read as `--model_name_or_path`."""
+    renamed = []
+    for arg in argv:
+        if arg == "--model" or arg.startswith("--model="):
+            arg = "--model_name_or_path" + arg[len("--model") :]
+        renamed.append(arg)
+    return renamed
 
+
+def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "prune") -> int:
+    from trl_safety.cli.recipe import (
+        apply_config,
+        check_flags,
+        load_config_file,
+        pop_config_path,
+        reject_unknown_flags,
+        trl_parser,
+    )
     from trl_safety.cli.train import _pop_defense
     from trl_safety.registry import get_defense
 
-    defense, rest = _pop_defense(argv)
+    defense, rest = _pop_defense(_old_spellings(argv))
+    config_path, rest = pop_config_path(rest)
+    file_config = load_config_file(config_path)
+    defense = defense or file_config.pop("defense", None)  # the command line wins, as for every other key
+    file_config.pop("defense", None)
     names = _post_fine_tuning_names()
     if defense is None:
-        usage = f"usage: {prog} --defense {{{','.join(names)}}} --model PATH --output_dir OUT [defense options]"
+        usage = (
+            f"usage: {prog} --defense {{{','.join(names)}}} --model_name_or_path PATH --output_dir OUT "
+            "[--config FILE] [defense options]"
+        )
         if "-h" in rest or "--help" in rest:
             print(f"{usage}\n\nRun `{prog} --defense NAME --help` for the options of a defense.")
             return 0
@@ -179,8 +208,12 @@ def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "
             f"`{prog}` runs: {', '.join(names)}."
         )
 
-    parser = HfArgumentParser((PruneArguments, spec.config_class), prog=f"{prog} --defense {defense}")
-    args, config = parse_or_usage(parser.parse_args_into_dataclasses, rest)
+    parser = trl_parser((PruneArguments, spec.config_class), prog=f"{prog} --defense {defense}")
+    if config_path is not None:
+        apply_config(parser, file_config, config_path, also_valid=("defense",))
+    check_flags(rest, parser)
+    args, config, remaining = parse_or_usage(parser.parse_args_into_dataclasses, rest, return_remaining_strings=True)
+    reject_unknown_flags(remaining, parser)
     check_prune_arguments(args, config)
     model, tokenizer, is_adapter, base_name = load_model_for_repair(args)
 

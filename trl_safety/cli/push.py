@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 
-from trl_safety.cli.checks import UsageError
+from trl_safety.cli.checks import OneLineArgumentParser, UsageError
 
 
 WEIGHT_FILES = (
@@ -32,12 +32,13 @@ IGNORE_PATTERNS = ["_*", "checkpoint-*", "checkpoint-*/**"]
 
 
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=prog,
         description="Push a saved defended model or adapter (a folder with defense_config.json) to the Hugging Face "
         "Hub, with a model card describing its defense.",
     )
     parser.add_argument("folder", help="Output folder of a defense trainer (`trainer.save_model(...)`).")
+    parser.add_argument("--config", default=None, help="YAML file of options (keys: the option names, `folder`).")
     parser.add_argument("--repo_id", required=True, help="Hub repository, e.g. `my-org/llama-2-7b-vaccine`.")
     parser.add_argument("--private", action="store_true", help="Create the repository as private.")
     parser.add_argument("--token", default=None, help="Hub token with write access (default: the logged-in one).")
@@ -121,7 +122,9 @@ def push_folder(
 def run(argv: list[str], prog: str | None = None, command: str | None = None) -> int:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    args = make_parser(prog).parse_args(argv)
+    from trl_safety.cli.recipe import parse_args_with_config
+
+    args = parse_args_with_config(make_parser(prog), argv)
     try:
         _check_folder(args.folder)
     except (FileNotFoundError, ValueError) as exc:  # the folder is not a saved defended model

@@ -5,13 +5,18 @@
 trl-safety align --defense vaccine --model_name_or_path meta-llama/Llama-2-7b-hf \
     --dataset_name data/refusals.jsonl --use_peft --lora_r 8 --output_dir vaccine-aligned
 
-# fine-tuning stage (service): Lisa on the customer's data, 2 GPUs with DeepSpeed ZeRO-2
+# merge the alignment adapter, then the fine-tuning stage (service): Lisa on the customer's data, 2 GPUs, ZeRO-2
+trl-safety merge --model_name_or_path vaccine-aligned --output_dir vaccine-aligned-merged
 trl-safety sft --defense lisa --accelerate_config zero2 --model_name_or_path vaccine-aligned-merged \
     --dataset_name customer.jsonl --alignment_dataset_name data/refusals.jsonl --output_dir lisa-run
+
+# the same from a recipe: every flag is a YAML key, `defense:` included; flags after it override the file
+trl-safety sft --config recipes/lisa/sst2_finetune_lora.yaml --max_steps 10
 ```
 
-Arguments not known to the training dataclasses (e.g. `--num_processes 2`) go to `accelerate launch`; with any of
-them, or with `--accelerate_config`, the script re-launches itself through accelerate, as `trl sft` does.
+The options of `accelerate launch` (e.g. `--num_processes 2`, also as YAML keys) go to accelerate; with any of them,
+or with `--accelerate_config`, the script re-launches itself through accelerate, as `trl sft` does. Any other unknown
+flag or YAML key is a one-line error naming the closest valid option.
 """
 
 from __future__ import annotations
@@ -20,21 +25,43 @@ import argparse
 import os
 import sys
 import warnings
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from trl_safety.cli.checks import (
     UsageError,
-    check_config_file,
     check_dataset,
     check_dataset_fields,
     check_defense,
     check_model,
+    did_you_mean,
     parse_or_usage,
+)
+from trl_safety.cli.recipe import (
+    apply_config,
+    check_flags,
+    load_config_file,
+    parser_field_names,
+    pop_config_path,
+    trl_parser,
 )
 
 
 STAGE_OF_COMMAND = {"align": ("alignment",), "sft": ("fine-tuning",)}
+
+
+@dataclass
+class DefenseArguments:
+    """`--defense` as a parsed option, so that `--help` shows it and a `--config` file may carry `defense:`."""
+
+    defense: str | None = field(
+        default=None,
+        metadata={
+            "help": "Registered defense to train with (`trl-safety defenses` lists them; the list above shows this "
+            "command's). `sft` without it is plain TRL SFT. Also a `defense:` key of the --config file."
+        },
+    )
 
 
 def _pop_defense(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -94,9 +121,10 @@ def check_accelerate_config(name: str) -> str:
     if _find_accelerate_config(name) is None:
         ours = bundled_accelerate_profiles()
         trl = [p for p in bundled_accelerate_profiles("trl.accelerate_configs") if p not in ours]
+        hint = did_you_mean(name, [*ours, *trl])
         raise UsageError(
-            f"unknown accelerate profile {name!r}; available: {', '.join(ours)} (TRL's: {', '.join(trl)}), or pass "
-            "the path of an accelerate config file."
+            f"unknown accelerate profile {name!r}{f'{hint} Available' if hint else '; available'}: {', '.join(ours)} "
+            f"(TRL's: {', '.join(trl)}), or pass the path of an accelerate config file."
         )
     try:
         return resolve_accelerate_config(name)
@@ -132,10 +160,62 @@ def _with_absolute_deepspeed_file(path: str) -> str:
     return str(resolved)
 
 
-def make_parser(config_class=None, prog: str | None = None):
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+def make_parser(config_class=None, prog: str | None = None, command: str | None = None, defense: str | None = None):
+    """TRL's SFT parser with `config_class` in place of `SFTConfig` and a `--defense` option. Its `--help` lists the
+    defenses of `command`'s stage and shows the defense's own options first, with their help, in their own group."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig
 
-    return TrlParser((ScriptArguments, config_class or SFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    config_class = config_class or SFTConfig
+    parser = trl_parser(
+        (ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig, DefenseArguments),
+        prog=prog,
+        # argparse's generated usage lists all ~250 flags: name the shape instead
+        usage=f"{prog or '%(prog)s'} [--defense NAME] [--config FILE] [options] [accelerate launch options]",
+        description=_stage_description(command, defense),
+        formatter_class=_HelpFormatter,
+    )
+    if defense is not None:
+        _group_defense_options(parser, config_class, defense)
+    return parser
+
+
+def _stage_description(command: str | None, defense: str | None) -> str | None:
+    from trl_safety.registry import list_defenses
+
+    stages = STAGE_OF_COMMAND.get(command)
+    if stages is None:
+        return None
+    specs = [spec for spec in list_defenses() if spec.stage in stages and spec.trainer_class is not None]
+    width = max((len(spec.name) for spec in specs), default=0)
+    lines = [f"Defenses of `trl-safety {command}` (--defense NAME, or `defense: NAME` in the --config file):"]
+    lines += [f"  {spec.name.ljust(width)}  {spec.description}" for spec in specs]
+    if defense is None:
+        lines.append(f"`trl-safety {command} --defense NAME --help` lists a defense's own options first.")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """HfArgumentParser's formatter (defaults shown), keeping the description's line breaks (the defense list)."""
+
+
+def _group_defense_options(parser, config_class, defense: str) -> None:
+    """Move the options `config_class` adds to `SFTConfig` into their own help group, listed before TRL's."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    own = {f.name for f in dataclasses.fields(config_class)} - {f.name for f in dataclasses.fields(SFTConfig)}
+    group = parser.add_argument_group(f"{defense} options ({config_class.__name__})")
+    for container in list(parser._action_groups):
+        if container is group:
+            continue
+        for action in list(container._group_actions):
+            if action.dest in own:
+                container._group_actions.remove(action)
+                group._group_actions.append(action)
+    # argparse prints groups in creation order: put this one right after the positionals
+    parser._action_groups.remove(group)
+    parser._action_groups.insert(1, group)
 
 
 def build_trainer(script_args, training_args, model_args, dataset_args, defense: str | None):
@@ -240,25 +320,73 @@ def _pop_accelerate_config(launch_args: list[str]) -> tuple[str | None, list[str
     return None, launch_args
 
 
-def parse_training_arguments(argv: list[str], command: str | None, prog: str | None = None, **parse_kwargs):
-    """(defense, parsed...) from the command line, checked: a mistake is a `UsageError` before anything loads."""
+def accelerate_launch_options() -> dict[str, object]:
+    """`accelerate launch`'s options by name without dashes (`num_processes`, ...), plus `accelerate_config`."""
+    from accelerate.commands.launch import launch_command_parser
+
+    options = {"accelerate_config": None}
+    for action in launch_command_parser()._actions:
+        for option in action.option_strings:
+            if option.startswith("--"):
+                options[option[2:]] = action
+    options.pop("help", None)
+    return options
+
+
+def _config_launch_args(values: dict) -> list[str]:
+    """YAML `accelerate launch` keys as flags: `num_processes: 8` → `--num_processes 8`, `multi_gpu: true` →
+    `--multi_gpu` (a switch; `false` leaves it out), as `trl sft` forwards them."""
+    options = accelerate_launch_options()
+    flags = []
+    for key, value in values.items():
+        takes_value = options[key] is None or options[key].nargs != 0
+        if takes_value:
+            flags += [f"--{key}", str(value)]
+        elif value:
+            flags.append(f"--{key}")
+    return flags
+
+
+def parse_training_arguments(argv: list[str], command: str | None, prog: str | None = None, launched: bool = False):
+    """`(defense, script_argv, parsed, launch_args)` from the command line and its `--config` file, checked: a
+    mistake is a `UsageError` before anything loads. `parsed` is TRL's (script, training, model, dataset) arguments;
+    `launch_args` are the `accelerate launch` flags (from the command line, then the file) and `script_argv` what the
+    launched processes get. `launched`: this is such a process, the launch flags were spent by the launcher."""
     defense, rest = _pop_defense(argv)
-    check_config_file(rest)
-    parser = make_parser(_config_class(defense, command), prog=prog)
+    config_path, rest = pop_config_path(rest)
+    config = load_config_file(config_path)
+    file_defense = config.pop("defense", None)
+    defense = defense or file_defense  # the command line wins, as for every other key
+    if defense is None and command == "align" and ("-h" in rest or "--help" in rest):
+        config_class = None  # `trl-safety align --help`: TRL's options and the list of alignment defenses
+    else:
+        config_class = _config_class(defense, command)
+    parser = make_parser(config_class, prog=prog, command=command, defense=defense)
+    launch_keys = accelerate_launch_options()
+    fields = set(parser_field_names(parser))  # a name both know (`debug`) is the training option, as on the CLI
+    file_launch = {key: config.pop(key) for key in list(config) if key in launch_keys and key not in fields}
+    if config_path is not None:
+        apply_config(parser, config, config_path, also_valid=(*launch_keys, "defense"))
+    # a flag the training dataclasses do not know must be an `accelerate launch` option, else it is a typo
+    check_flags(rest, parser, also_valid=tuple(launch_keys))
     with warnings.catch_warnings():
         # TRL's SFTConfig sets the old `gradient_checkpointing` name itself: nothing the user can act on
         warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
-        parsed = parse_or_usage(parser.parse_args_and_config, rest, **parse_kwargs)
-    check_training_arguments(*parsed[:4])
-    return defense, rest, parsed
+        *parsed, _, cli_remaining = parse_or_usage(
+            parser.parse_args_into_dataclasses, rest, return_remaining_strings=True
+        )
+    check_training_arguments(*parsed)
+    launch_args = [] if launched else cli_remaining + _config_launch_args(file_launch)
+    script_argv = _subtract_subsequence(rest, cli_remaining)
+    if config_path is not None:
+        script_argv = ["--config", config_path, *script_argv]
+    if defense is not None:
+        script_argv = ["--defense", defense, *script_argv]
+    return defense, script_argv, parsed, launch_args
 
 
 def run(argv: list[str], prog: str = "trl-safety sft", command: str | None = "sft") -> int:
-    defense, rest, parsed = parse_training_arguments(
-        argv, command, prog, return_remaining_strings=True, separate_remaining_strings=True
-    )
-    *parsed, config_remaining, cli_remaining = parsed
-    launch_args = config_remaining + cli_remaining
+    defense, script_argv, parsed, launch_args = parse_training_arguments(argv, command, prog)
     accelerate_config, launch_args = _pop_accelerate_config(launch_args)
     if accelerate_config is not None:
         launch_args = ["--config_file", check_accelerate_config(accelerate_config), *launch_args]
@@ -266,10 +394,13 @@ def run(argv: list[str], prog: str = "trl-safety sft", command: str | None = "sf
         # Re-launch this file through `accelerate launch` with the remaining (accelerate) arguments
         from accelerate.commands.launch import launch_command, launch_command_parser
 
-        script_args = _subtract_subsequence(rest, cli_remaining)
-        if defense is not None:
-            script_args = ["--defense", defense, *script_args]
-        accelerate_args = launch_command_parser().parse_args([*launch_args, __file__, *script_args])
+        accelerate_parser = launch_command_parser()
+
+        def one_line_error(message: str):  # instead of accelerate's ~115-line usage text
+            raise UsageError(f"accelerate launch: {message}")
+
+        accelerate_parser.error = one_line_error
+        accelerate_args = accelerate_parser.parse_args([*launch_args, __file__, *script_argv])
         launch_command(accelerate_args)
         return 0
     main(*parsed, defense=defense)
@@ -278,7 +409,7 @@ def run(argv: list[str], prog: str = "trl-safety sft", command: str | None = "sf
 
 def _launched(argv: list[str], prog: str, command: str | None) -> int:
     """What each process started by `accelerate launch` runs."""
-    defense, _, parsed = parse_training_arguments(argv, None, prog)
+    defense, _, parsed, _ = parse_training_arguments(argv, None, prog, launched=True)
     main(*parsed, defense=defense)
     return 0
 

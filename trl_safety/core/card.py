@@ -1,8 +1,11 @@
-"""Model cards with a harmful-fine-tuning-defense section, built from `defense_config.json` content.
+"""Model cards in TRL's shape plus a harmful-fine-tuning-defense section, built from `defense_config.json` content.
 
-The same builder serves `trainer.create_model_card()` / `trainer.push_to_hub()` and `trl-safety push FOLDER`: the
-defense section comes from `defense_config.json`, evaluation results from the report files found in the folder
-([`find_results`]), and licence notes from the datasets and judges those name ([`licence_notes_for`]).
+The same builder serves `trainer.create_model_card()` / `trainer.push_to_hub()` and `trl-safety push FOLDER`. TRL's
+own card (`generate_model_card`, reached through `trl_safety.compat`) gives the training procedure, framework versions
+and citations; ours gives the title and intro, a quick start that loads the tokenizer and generates, and the defense
+section from `defense_config.json`, with evaluation results from the report files found in the folder
+([`find_results`], also written as the YAML header's `model-index`) and licence notes from the datasets and judges
+those name ([`licence_notes_for`]).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
 logger = logging.getLogger(__name__)
@@ -169,8 +172,75 @@ def find_results(folder: str, defense: str | None = None) -> dict[str, Any]:
         if len(metrics) > _MAX_METRICS:
             logger.info("%s holds %d metrics; the card shows the first %d.", path, len(metrics), _MAX_METRICS)
             metrics = dict(list(metrics.items())[:_MAX_METRICS])
-        return {"metrics": metrics, "source": name, "judge": _find_key(data, "judge"), "mentions": _strings(data)}
+        return {
+            "metrics": metrics,
+            "source": name,
+            "judge": _find_key(data, "judge"),
+            "mentions": _strings(data),
+            "eval_datasets": _eval_datasets(data),
+        }
     return {}
+
+
+def _eval_datasets(data: dict) -> dict[str, dict[str, str]]:
+    """The data each headline metric was measured on, as far as a report records it: `{"harmful_score":
+    {"name", "split"}, "finetune_accuracy": {"name"}}` (a metric whose data is not recorded is left out)."""
+    found = {}
+    if "rows" in data:  # a bench results.json: its config names the data (docs/design/architecture.md §10.1)
+        config = data.get("config") or {}
+        real = isinstance(config.get("model"), str)
+        harmful = config.get("eval_dataset") if real else "trl_safety toy world"
+        task = config.get("task") if real else "trl_safety toy world sentiment"
+    else:
+        harmful = _find_key(data, "prompt_source")
+        task = _find_key(data.get("finetune_accuracy"), "task")
+    if isinstance(harmful, str) and harmful:
+        found["harmful_score"] = {"name": harmful}
+        split = _find_key(data, "prompt_split")
+        if "rows" not in data and isinstance(split, str):
+            found["harmful_score"]["split"] = split
+    if isinstance(task, str) and task:
+        found["finetune_accuracy"] = {"name": task}
+    return found
+
+
+# model-index entries: metric key of `find_results` -> (task name, metric name); `harmful_score/<category>` follow HS
+_INDEXED = {
+    "harmful_score": ("Harmful score", "Harmful score (%, lower is better)"),
+    "finetune_accuracy": ("Fine-tune accuracy", "Fine-tune accuracy (%)"),
+    "finetune_accuracy/accuracy": ("Fine-tune accuracy", "Fine-tune accuracy (%)"),
+}
+
+
+def model_index_results(metrics: dict, eval_datasets: dict) -> list[EvalResult]:
+    """`model-index` entries for the card's YAML header: the harmful score (with its per-category breakdown) and the
+    fine-tune accuracy, each on the dataset the report names; metrics of unrecorded data, baselines and counts are not
+    indexed (the Hub requires a dataset for every entry)."""
+    results = []
+    for key, value in metrics.items():
+        head = key.split("/", 1)[0]
+        if key in _INDEXED:
+            task_name, metric_name = _INDEXED[key]
+        elif head == "harmful_score" and key.split("/", 1)[1] not in ("num_prompts", "num_flagged"):
+            task_name, metric_name = _INDEXED[head][0], f"Harmful score: {key.split('/', 1)[1]} (%)"
+        else:
+            continue
+        dataset = eval_datasets.get(head)
+        if dataset is None or _number(value) is None:
+            continue
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name=task_name,
+                dataset_type=dataset["name"],
+                dataset_name=dataset["name"],
+                dataset_split=dataset.get("split"),
+                metric_type=head if key in _INDEXED else key,
+                metric_name=metric_name,
+                metric_value=value,
+            )
+        )
+    return results
 
 
 def _find_key(obj, key: str, depth: int = 0) -> str | None:
@@ -193,6 +263,44 @@ def _format(value) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- card
+# Sections of TRL's card that ours replaces (its title and intro, before the first section, are replaced too)
+_REPLACED_TRL_SECTIONS = ("Quick start",)
+# Versions added to TRL's "Framework versions" list (TRL lists TRL, Transformers, Pytorch, Datasets, Tokenizers)
+_EXTRA_VERSIONS = {"trl-safety": "trl-safety", "PEFT": "peft", "Accelerate": "accelerate"}
+
+
+def _trl_sections(
+    info: dict, model_name: str, hub_model_id: str, dataset_name: str | None, tags, tracker_urls: dict | None
+) -> str:
+    """TRL's generated card body from its first `## ` section on, without the sections ours replaces, with our
+    packages added to its framework versions."""
+    from .. import compat  # imports TRL: only when a card is built
+
+    paper = info.get("paper") or {}
+    base_model = info.get("base_model")
+    trl_card = compat.generate_model_card(
+        base_model=base_model if _is_hub_id(base_model) else None,
+        model_name=model_name,
+        hub_model_id=hub_model_id,
+        dataset_name=dataset_name,
+        tags=list(tags),
+        trainer_name=info.get("title", info["defense"]),
+        trainer_citation=paper.get("citation"),
+        paper_title=paper.get("title"),
+        paper_id=paper.get("id"),
+        **{"wandb_url": None, "trackio_url": None, "comet_url": None, **(tracker_urls or {})},
+    )
+    sections = re.split(r"(?m)^(?=## )", trl_card.text)[1:]
+    kept = [part for part in sections if part[3:].splitlines()[0].strip() not in _REPLACED_TRL_SECTIONS]
+    # TRL's template leaves blank or space-only lines where a tracker badge is absent: one blank line is enough
+    body = re.sub(r"\n(?:[ \t]*\n){2,}", "\n\n", re.sub(r"(?m)^[ \t]+$", "", "".join(kept)))
+    extra = "".join(f"- {label}: {_version(name)}\n" for label, name in _EXTRA_VERSIONS.items())
+    versions = re.search(r"(?m)^### Framework versions\n\n(?:- .*\n)+", body)
+    if versions is None:  # a TRL whose card lists no versions: add ours as their own subsection
+        return body.rstrip("\n") + f"\n\n### Framework versions\n\n{extra}"
+    return body[: versions.end()] + extra + body[versions.end() :]
+
+
 def build_model_card(
     info: dict,
     model_name: str,
@@ -204,8 +312,10 @@ def build_model_card(
     results_source: str | None = None,
     judge: str | None = None,
     licence_notes: list[str] | None = None,
+    eval_datasets: dict | None = None,
+    tracker_urls: dict | None = None,
 ) -> ModelCard:
-    """Render the model card of a defended model.
+    """Render the model card of a defended model: TRL's card with our intro, quick start and defense section.
 
     Args:
         info: the content of `defense_config.json` (`defense`, `stage`, `title`, `trainer`, `hyperparameters`,
@@ -219,6 +329,10 @@ def build_model_card(
         judge: the judge that scored the harmful answers, shown under the table.
         licence_notes: extra licence caveats (e.g. for the judge that produced `results`); caveats for the datasets
             named in `info` and `dataset_name` are added automatically.
+        eval_datasets: the data the results were measured on (`find_results(...)["eval_datasets"]`); the results
+            on recorded data go into the YAML header's `model-index`.
+        tracker_urls: the W&B / Trackio / Comet links of the run (`trl_safety.compat.tracker_urls()`), for TRL's
+            badges.
     """
     base_model = info.get("base_model")
     base_model_link = _is_hub_id(base_model)
@@ -237,22 +351,24 @@ def build_model_card(
         if note not in notes:
             notes.append(note)
     results = results if results is not None else info.get("results") or {}
+    hub_model_id = hub_model_id or model_name
     card_data = ModelCardData(
         base_model=base_model if base_model_link else None,
         datasets=list(dict.fromkeys(hub_datasets)) or None,
         library_name="peft" if is_adapter else "transformers",
         model_name=model_name,
         tags=sorted(all_tags),
+        eval_results=model_index_results(results, eval_datasets or {}) or None,
     )
     template = resources.files("trl_safety").joinpath("templates/model_card.md")
-    return ModelCard.from_template(
+    ours = ModelCard.from_template(
         card_data,
         template_path=str(template),
         model_name=model_name,
         base_model=base_model or "a model built from a config",
         base_model_link=base_model_link,
         is_adapter=is_adapter,
-        hub_model_id=hub_model_id or model_name,
+        hub_model_id=hub_model_id,
         dataset_name=dataset_name,
         defense=info["defense"],
         defense_title=info.get("title", info["defense"]),
@@ -268,10 +384,10 @@ def build_model_card(
         licence_notes=notes,
         paper_title=paper.get("title"),
         paper_id=paper.get("id"),
-        citation=paper.get("citation"),
         defense_config_name=DEFENSE_CONFIG_NAME,
-        versions={name: _version(name) for name in ("trl-safety", "trl", "transformers", "peft", "torch", "datasets")},
     )
+    trl_part = _trl_sections(info, model_name, hub_model_id, dataset_name, sorted(all_tags), tracker_urls)
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{ours.text.strip()}\n\n{trl_part.strip()}\n")
 
 
 def write_folder_card(
@@ -317,6 +433,7 @@ def write_folder_card(
         results_source=found.get("source"),
         judge=found.get("judge"),
         licence_notes=licence_notes_for(found.get("mentions", [])),
+        eval_datasets=found.get("eval_datasets"),
     )
     card.save(readme)
     return card

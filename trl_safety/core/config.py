@@ -274,7 +274,12 @@ class AlignmentDataArguments:
         },
     )
     alignment_dataset_config: str | None = field(
-        default=None, metadata={"help": "Configuration (subset) name of the alignment dataset."}
+        default=None,
+        metadata={
+            "help": "For a dataset with a registered adapter (BeaverTails, the RepNoise refusal file): its options as "
+            "comma-separated key=value pairs, e.g. 'offset=5000,source=local.jsonl'. For any other Hub dataset: "
+            "its configuration (subset) name. Unused for a local file."
+        },
     )
     alignment_dataset_split: str = field(default="train", metadata={"help": "Split of the alignment dataset."})
     alignment_num_samples: int | None = field(
@@ -305,7 +310,12 @@ class HarmfulDataArguments:
         },
     )
     harmful_dataset_config: str | None = field(
-        default=None, metadata={"help": "Configuration (subset) name of the harmful dataset."}
+        default=None,
+        metadata={
+            "help": "For a dataset with a registered adapter (BeaverTails, the RepNoise refusal file): its options as "
+            "comma-separated key=value pairs, e.g. 'offset=5000,source=local.jsonl'. For any other Hub dataset: "
+            "its configuration (subset) name. Unused for a local file."
+        },
     )
     harmful_dataset_split: str = field(default="train", metadata={"help": "Split of the harmful dataset."})
     harmful_num_samples: int | None = field(

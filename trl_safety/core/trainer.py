@@ -483,7 +483,8 @@ class DefenseTrainerMixin:
         results: dict | None = None,
         **kwargs,
     ):
-        """Write `README.md` in the output dir: TRL's card content plus the harmful-fine-tuning-defense section.
+        """Write `README.md` in the output dir: TRL's card (training procedure, framework versions, citations) with
+        our quick start, the harmful-fine-tuning-defense section and a `model-index` from a report in the folder.
 
         Called by `save_model` checkpoints and by `push_to_hub(**kwargs)`, which forwards its extra keywords here.
 
@@ -518,5 +519,7 @@ class DefenseTrainerMixin:
             results_source=found.get("source"),
             judge=found.get("judge"),
             licence_notes=licence_notes_for(found.get("mentions", [])),
+            eval_datasets=found.get("eval_datasets"),
+            tracker_urls=compat.tracker_urls(),  # TRL's badges for the run's W&B / Trackio / Comet pages
         )
         card.save(os.path.join(directory, "README.md"))

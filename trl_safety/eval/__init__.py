@@ -5,7 +5,13 @@ import os
 
 from .evaluation import EvalResult, evaluate_model
 from .generation import generate_responses
-from .harmful_score import HarmfulScoreResult, harmful_score, judge_responses, per_category_scores
+from .harmful_score import (
+    HarmfulScoreResult,
+    harmful_score,
+    judge_responses,
+    per_category_counts,
+    per_category_scores,
+)
 from .judges import (
     BEAVER_DAM_FORMAT,
     BEAVER_DAM_ID,
@@ -61,5 +67,6 @@ __all__ = [
     "harmful_score",
     "judge_responses",
     "load_judge",
+    "per_category_counts",
     "per_category_scores",
 ]

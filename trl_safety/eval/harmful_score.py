@@ -60,9 +60,8 @@ def _percent(flags: Sequence[bool]) -> float:
     return 100.0 * sum(bool(f) for f in flags) / len(flags) if flags else 0.0
 
 
-def per_category_scores(flags: Sequence[bool], categories: Sequence) -> dict[str, float]:
-    """HS per category. A category entry may be a name, `None` (skipped), a list of names, or a BeaverTails-style dict
-    of booleans (the prompt counts in every category marked true)."""
+def _group_by_category(flags: Sequence[bool], categories: Sequence) -> dict[str, list[bool]]:
+    """The flags of each category, categories sorted by name (see [`per_category_scores`] for the entry forms)."""
     if len(categories) != len(flags):
         raise ValueError(f"Got {len(categories)} categories for {len(flags)} prompts.")
     grouped: dict[str, list[bool]] = {}
@@ -77,7 +76,18 @@ def per_category_scores(flags: Sequence[bool], categories: Sequence) -> dict[str
             names = list(category)
         for name in names:
             grouped.setdefault(str(name), []).append(bool(flag))
-    return {name: _percent(values) for name, values in sorted(grouped.items())}
+    return dict(sorted(grouped.items()))
+
+
+def per_category_scores(flags: Sequence[bool], categories: Sequence) -> dict[str, float]:
+    """HS per category. A category entry may be a name, `None` (skipped), a list of names, or a BeaverTails-style dict
+    of booleans (the prompt counts in every category marked true)."""
+    return {name: _percent(values) for name, values in _group_by_category(flags, categories).items()}
+
+
+def per_category_counts(flags: Sequence[bool], categories: Sequence) -> dict[str, tuple[int, int]]:
+    """`{category: (prompts, flagged)}`, grouped as [`per_category_scores`] groups them (for tables)."""
+    return {name: (len(values), sum(values)) for name, values in _group_by_category(flags, categories).items()}
 
 
 def judge_responses(

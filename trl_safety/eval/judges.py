@@ -102,6 +102,11 @@ class Judge:
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         raise NotImplementedError
 
+    def load(self) -> Judge:
+        """Load whatever the judge needs (weights, tokenizer) now rather than at the first `score`, so that a missing
+        or unreachable checkpoint fails before any answer is generated. Returns the judge; a no-op without a model."""
+        return self
+
     def flag(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
         return [s > self.threshold for s in self.score(prompts, responses)]
 
@@ -286,6 +291,11 @@ class ClassifierJudge(Judge):
 
     def _on_load(self) -> None:
         """Hook called before a checkpoint is loaded from a path (licence notices)."""
+
+    def load(self) -> ClassifierJudge:
+        if self._model is None or self._tokenizer is None:
+            self._load()
+        return self
 
     @property
     def model(self):

@@ -4,6 +4,7 @@ import logging
 import math
 
 import torch
+from datasets import Dataset
 from trl import SFTTrainer
 
 from ... import compat
@@ -29,6 +30,36 @@ def likelihood_ratio_weights(scores: torch.Tensor, temperature: float) -> torch.
     return torch.exp((scores - scores.max()) / temperature)
 
 
+def messages_to_prompt_completion(dataset):
+    """`messages` data as conversational prompt/completion: `prompt` the turns before the last assistant turn,
+    `completion` that turn (docs/antibody.md, "Expected dataset type"); other columns are kept, other formats are
+    returned unchanged.
+
+    A row without an assistant turn, or with turns after its last one (which the completion would silently drop), is
+    refused with its index.
+    """
+    columns = dataset.column_names if isinstance(dataset, Dataset) else ()
+    if "messages" not in columns or {"prompt", "completion"} & set(columns):
+        return dataset
+
+    def split(example, index):
+        messages = example["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0:
+            raise ValueError(
+                f"train_dataset row {index}: a `messages` conversation needs an assistant turn after at least one "
+                "other turn, to be split into prompt (the turns before the last assistant turn) and completion."
+            )
+        if last != len(messages) - 1:
+            raise ValueError(
+                f"train_dataset row {index}: the conversation continues after its last assistant turn "
+                f"({len(messages) - 1 - last} turn(s)), which the completion (that assistant turn) would drop."
+            )
+        return {"prompt": messages[:last], "completion": [messages[last]]}
+
+    return dataset.map(split, with_indices=True, remove_columns=["messages"], desc="messages to prompt/completion")
+
+
 class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
     """
     Trainer for Antibody's fine-tuning stage: per-sample likelihood-ratio weighting inside each micro-batch.
@@ -49,8 +80,9 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
     weights it is SFT's loss bit for bit at any GA and on any number of ranks.
 
     Takes every argument of [`~trl.SFTTrainer`] plus `refusals=` (a list of refusal strings overriding the pool). The
-    training data must be prompt/completion data (standard or conversational), the only format in which a refusal
-    view is defined; an optional `is_harmful` column is used for logging only.
+    training data is prompt/completion data (standard or conversational), the format in which a refusal view is
+    defined, or `messages` data, converted first (`prompt`: the turns before the last assistant turn, `completion`:
+    that turn, so the loss is on that turn only); an optional `is_harmful` column is used for logging only.
 
     Example:
 
@@ -90,7 +122,10 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
         if refusals is not None and (isinstance(refusals, str) or len(refusals) == 0):
             raise ValueError("`refusals` must be a non-empty list of refusal strings.")
         # The raw rows, kept until `setup_defense` derives their refusal view (the pool needs the final config)
-        self._raw_train = self._check_prompt_completion(add_row_ids(train_dataset, "train_dataset"))
+        # `messages` rows are split first, so that the row ids and refusal views see prompt/completion rows
+        self._raw_train = self._check_prompt_completion(
+            add_row_ids(messages_to_prompt_completion(train_dataset), "train_dataset")
+        )
         self._refusals = list(refusals) if refusals is not None else None
         super().__init__(model, args, data_collator, self._raw_train, *positional, **kwargs)
 
@@ -99,9 +134,9 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
         columns = set(dataset.column_names)
         if not {"prompt", "completion"} <= columns or "input_ids" in columns:
             raise ValueError(
-                f"AntibodyTrainer needs prompt/completion training data (standard or conversational) to build each "
-                f"sample's refusal view (same prompt, refusal answer); got columns {sorted(columns)}. Convert "
-                "`messages` data to `prompt` (the turns before the last assistant turn) and `completion` (that turn)."
+                "AntibodyTrainer builds each sample's refusal view (same prompt, refusal answer) from its prompt, so "
+                "it takes prompt/completion data (standard or conversational) or conversational `messages` data; "
+                f"`text` and pre-tokenized `input_ids` data have no prompt to answer. Got columns {sorted(columns)}."
             )
         return dataset
 

@@ -74,6 +74,7 @@ class LisaTrainer(DefenseTrainerMixin, SFTTrainer):
         params = trainable_parameters(self.model)
         if not params:
             raise ValueError("LisaTrainer found no trainable parameter for the proximal term.")
+        self._warn_if_user_data_unreached()
         # Both anchors start as the initial weights (official `init`); a resumed run overwrites them below
         self._anchors = {ALIGNMENT: ParameterSnapshot(params), FINETUNE: ParameterSnapshot(params)}
         self._proximal = ProximalTerm(
@@ -87,6 +88,22 @@ class LisaTrainer(DefenseTrainerMixin, SFTTrainer):
             self._pending_defense_state = None
         if self.args.rho > 0:
             self._proximal.attach()
+
+    def _warn_if_user_data_unreached(self) -> None:
+        """Warn when every optimizer step of the run is an alignment step, so `train_dataset` is never trained on.
+
+        Called once per run at its first step, where `state.max_steps` holds the run's length whether it was set by
+        `max_steps` or by epochs × steps per epoch.
+        """
+        total, k1 = self.state.max_steps, self.args.alignment_steps
+        if k1 > 0 and 0 < total <= k1:
+            logger.warning(
+                "LisaTrainer: this run has %d optimizer step(s) and the first %d (`alignment_steps`) train on the "
+                "alignment data, so no step trains on `train_dataset`. Raise `max_steps` (or `num_train_epochs`) "
+                "above `alignment_steps`, or lower `alignment_steps`.",
+                total,
+                k1,
+            )
 
     def _enter(self, phase: str) -> None:
         """Switch state when `phase` differs from the last step's, snapshotting the weights the new state is pulled to.
