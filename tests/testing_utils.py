@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import glob
 import os
 import random
+import shlex
 
 import torch
 from datasets import Dataset
@@ -316,3 +318,22 @@ def run_training_steps(trainer, ga):
     actual = [p.grad.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
     trainer.model.zero_grad(set_to_none=True)
     return batches, actual
+
+
+# ------------------------------------------------------------------------------------------------------- recipes
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(REPO_ROOT, "recipes", "**", "*.yaml"), recursive=True))
+
+
+def recipe_header_command(path: str) -> list[str]:
+    """The one `trl-safety ...` command of a recipe's leading comment lines (continuation lines joined)."""
+    header = []
+    with open(path) as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            header.append(line[1:].strip())
+    text = "\n".join(header).replace("\\\n", " ")
+    commands = [line for line in text.splitlines() if line.startswith("trl-safety ")]
+    assert len(commands) == 1, f"{path}: expected one `trl-safety` command in the header, found {commands}"
+    return shlex.split(commands[0])

@@ -15,33 +15,14 @@ config, so the test reports a bf16-capable GPU to that check (nothing runs on it
 from __future__ import annotations
 
 import enum
-import glob
 import json
 import os
-import shlex
 
 import pytest
 import yaml
+from testing_utils import RECIPES, REPO_ROOT, recipe_header_command
 
 from trl_safety.cli.main import main
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True))
-
-
-def header_command(path: str) -> list[str]:
-    """The one `trl-safety ...` command of the recipe's leading comment lines (continuation lines joined)."""
-    header = []
-    with open(path) as f:
-        for line in f:
-            if not line.startswith("#"):
-                break
-            header.append(line[1:].strip())
-    text = "\n".join(header).replace("\\\n", " ")
-    commands = [line for line in text.splitlines() if line.startswith("trl-safety ")]
-    assert len(commands) == 1, f"{path}: expected one `trl-safety` command in the header, found {commands}"
-    return shlex.split(commands[0])
 
 
 class Stop(Exception):
@@ -60,7 +41,7 @@ def recipe_world(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    os.symlink(os.path.join(ROOT, "recipes"), tmp_path / "recipes")
+    os.symlink(os.path.join(REPO_ROOT, "recipes"), tmp_path / "recipes")
     for path in RECIPES:
         with open(path) as f:
             values = yaml.safe_load(f)
@@ -121,11 +102,11 @@ def _flat(*dataclass_objects) -> dict:
     return merged
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[os.path.relpath(p, ROOT) for p in RECIPES])
+@pytest.mark.parametrize("path", RECIPES, ids=[os.path.relpath(p, REPO_ROOT) for p in RECIPES])
 def test_recipe_runs_with_its_header_command(path, recipe_world, monkeypatch):
     import trl_safety.cli.train as cli_train
 
-    argv = header_command(path)
+    argv = recipe_header_command(path)
     with open(path) as f:
         values = yaml.safe_load(f)
     command = argv[1]

@@ -175,7 +175,14 @@ def test_lora_run_card_names_base_model_and_defense(tmp_path):
 
 EVAL_REPORT = {  # the shape `trl-safety eval` writes (cli/eval.py)
     "model": "run",
-    "protocol": {"name": "vaccine", "prompt_source": "PKU-Alignment/BeaverTails", "prompt_split": "30k_test"},
+    "protocol": {
+        "name": "vaccine",
+        "prompt_source": "PKU-Alignment/BeaverTails",
+        "prompt_split": "30k_test",
+        "num_prompts": 4,  # what ran: a setting, not a result
+        "max_new_tokens": 8,
+    },
+    "max_new_tokens": 8,
     "harmful_score": {
         "score": 25.0,
         "flags": [True, False, False, False],
@@ -229,6 +236,7 @@ def test_lora_run_card_has_trls_sections_the_defense_section_and_model_index(tmp
     # the defense section, with the report's numbers
     assert "| Defense | TinyDefense (`tiny-defense`) |" in text and "- `tiny_strength`: `0.5`" in text
     assert "| harmful_score | 25 |" in text and "Read from `eval_report.json`" in text
+    assert "| max_new_tokens |" not in text and "| protocol/" not in text  # the run's settings are not results
 
     header = yaml_header(text)
     assert header["library_name"] == "peft" and header["base_model"] == "org/tiny-qwen"

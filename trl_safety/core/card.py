@@ -113,7 +113,8 @@ def _flatten_metrics(obj: dict, prefix: str = "", depth: int = 0) -> dict[str, f
                 metrics[f"{name}/{category}"] = value
         return metrics
     for key, value in obj.items():
-        if key in ("config", "calibration", "seconds"):
+        # run settings and timings, not results (an eval report records what ran: its protocol, token budget)
+        if key in ("config", "calibration", "seconds", "protocol", "preset_deviations", "max_new_tokens"):
             continue
         if _number(value) is not None:
             metrics[f"{prefix}{key}"] = value
