@@ -7,14 +7,20 @@ from .antibody_config import AntibodyConfig
 from .antibody_trainer import AntibodyTrainer
 
 
-_CITATION = """\
+# One paper for both stages; the alignment stage (`defenses/antibody_align`) cites it from here
+PAPER = {
+    "title": "Antibody: Strengthening Defense Against Harmful Fine-Tuning for Large Language Models via "
+    "Attenuating Harmful Gradient Influence",
+    "id": "2603.00498",
+    "citation": """\
 @inproceedings{nguyen2026antibody,
     title        = {{Antibody: Strengthening Defense Against Harmful Fine-Tuning for Large Language Models via Attenuating Harmful Gradient Influence}},
     author       = {Quoc Minh Nguyen and Trung Le and Jing Wu and Anh Tuan Bui and Mehrtash Harandi},
     year         = 2026,
     booktitle    = {The Fourteenth International Conference on Learning Representations},
     url          = {https://openreview.net/forum?id=qur2ef8MqQ},
-}"""
+}""",
+}
 
 
 register_defense(
@@ -24,12 +30,7 @@ register_defense(
         config_class=AntibodyConfig,
         trainer_class=AntibodyTrainer,
         title="Antibody",
-        paper={
-            "title": "Antibody: Strengthening Defense Against Harmful Fine-Tuning for Large Language Models via "
-            "Attenuating Harmful Gradient Influence",
-            "id": "2603.00498",
-            "citation": _CITATION,
-        },
+        paper=PAPER,
         description="Weights each sample of a batch by softmax((NLL of a refusal - NLL of its answer) / tau).",
         # The official τ=1 and batch size 16 carry over: the weights are a softmax over the micro-batch, so the
         # bench's batch size (not the model scale) sets their effect. Nothing to rescale.
@@ -39,4 +40,4 @@ register_defense(
     )
 )
 
-__all__ = ["AntibodyConfig", "AntibodyTrainer"]
+__all__ = ["PAPER", "AntibodyConfig", "AntibodyTrainer"]
