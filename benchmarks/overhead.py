@@ -3,6 +3,7 @@
 ```bash
 python benchmarks/overhead.py --output overhead.json --markdown overhead.md            # CPU, a few minutes
 python benchmarks/overhead.py --device cuda --hidden 1024 --layers 16 --output gpu.json  # on a GPU
+python benchmarks/overhead.py --arch smollm2 --layers 4 --output smollm2.json           # SmolLM2-135M's shapes
 ```
 
 Every (defense, mode) configuration runs in its own subprocess on the same model (a Llama built from a config), the
@@ -12,6 +13,12 @@ step: the defense's passes, backward, optimizer step) after warm-up. Peak memory
 during training; on CPU, the peak resident set size sampled every millisecond during training minus the resident size
 just before training (what training adds: activations, gradients, optimizer state, the defense's extra tensors).
 Gradient checkpointing is off and training is in fp32 on CPU (bf16 on CUDA), so ratios reflect the algorithms.
+
+Each ratio is the median over repeats of the configuration against SFT's median in the same run, reported with its
+repeat-to-repeat spread: the min–max of the per-repeat ratios (repeat r of the defense against repeat r of SFT). On
+a tiny model a step is dominated by fixed per-step costs and the spread is wide; `--arch smollm2` measures on the
+shapes of a real model (SmolLM2-135M: hidden 576, 9 query / 3 key-value heads, MLP 1536, vocabulary 49152, tied
+embeddings; randomly initialised, `--layers` of its 30), where compute dominates.
 """
 
 from __future__ import annotations
@@ -40,6 +47,20 @@ BENCH_OVERRIDES = {
 # Defenses with their own harmful batch size (Booster's paper code hard-codes 10 with a training batch of 10): the
 # benchmark gives the harmful passes the training batch size, so "k passes" cost k training-batch passes
 HARMFUL_BATCH_SIZE_FIELD = "harmful_batch_size"
+
+
+# Architectures of real models (`--arch`): they replace the shape flags; `--layers` stays free (fewer on a CPU)
+ARCHITECTURES = {
+    "smollm2": {  # SmolLM2-135M(-Instruct)'s config
+        "hidden": 576,
+        "intermediate": 1536,
+        "heads": 9,
+        "kv_heads": 3,
+        "vocab_size": 49152,
+        "tie_embeddings": True,
+        "rope_theta": 100000.0,
+    },
+}
 
 
 # ---------------------------------------------------------------------------------------------------- worker side
@@ -106,13 +127,15 @@ def run_worker(args) -> dict:
     config = LlamaConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden,
-        intermediate_size=args.hidden * 2,
+        intermediate_size=args.intermediate or args.hidden * 2,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
         max_position_embeddings=args.seq_len * 2,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=args.tie_embeddings,
+        rope_theta=args.rope_theta,
     )
     model = LlamaForCausalLM(config)
     cuda = args.device == "cuda"
@@ -193,6 +216,7 @@ def run_worker(args) -> dict:
     return {
         "defense": args.defense,
         "mode": args.mode,
+        "repeat": args.repeat,
         "step_seconds": statistics.median(measured),
         "step_seconds_all": measured,
         "peak_memory_bytes": peak,
@@ -206,7 +230,7 @@ def _trainer_defenses() -> list[str]:
     return [spec.name for spec in list_defenses() if spec.trainer_class is not None]
 
 
-def _run_config(args, defense: str, mode: str) -> dict:
+def _run_config(args, defense: str, mode: str, repeat: int = 0) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_file = f.name
     command = [
@@ -220,9 +244,13 @@ def _run_config(args, defense: str, mode: str) -> dict:
         "--result-file",
         result_file,
     ]
-    for name in ("hidden", "layers", "heads", "seq_len", "batch_size", "vocab_size", "steps", "warmup", "seed"):
-        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    command += ["--device", args.device]
+    names = ("hidden", "intermediate", "layers", "heads", "kv_heads", "seq_len", "batch_size", "vocab_size")
+    for name in (*names, "rope_theta", "steps", "warmup", "seed"):
+        if getattr(args, name) is not None:
+            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    command += ["--device", args.device, "--repeat", str(repeat)]
+    if args.tie_embeddings:
+        command.append("--tie-embeddings")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True)
     if completed.returncode != 0:
@@ -232,8 +260,21 @@ def _run_config(args, defense: str, mode: str) -> dict:
     return result
 
 
+def _per_repeat(runs: list[dict]) -> dict[int, dict]:
+    """Runs by repeat index (`repeat`, else their order)."""
+    return {run.get("repeat", index): run for index, run in enumerate(runs)}
+
+
+def _spread(runs: list[dict], sft: list[dict], key: str) -> tuple[float, float] | None:
+    """min–max over repeats of (this repeat's value / SFT's value in the same repeat)."""
+    ours, theirs = _per_repeat(runs), _per_repeat(sft)
+    ratios = [ours[r][key] / theirs[r][key] for r in ours if r in theirs and theirs[r][key] > 0]
+    return (round(min(ratios), 3), round(max(ratios), 3)) if ratios else None
+
+
 def summarise(results: list[dict], defenses: list[str], modes: list[str]) -> list[dict]:
-    """Median over repeats of each configuration, as ratios to SFT's medians in the same run."""
+    """Median over repeats of each configuration, as ratios to SFT's medians in the same run, with the min–max of
+    the per-repeat ratios (repeat r against SFT's repeat r) as the spread."""
     rows = []
     for mode in modes:
         sft = [r for r in results if r["defense"] == "sft" and r["mode"] == mode]
@@ -248,7 +289,9 @@ def summarise(results: list[dict], defenses: list[str], modes: list[str]) -> lis
                     "defense": defense,
                     "mode": mode,
                     "time_ratio": round(step / sft_time, 3),
+                    "time_ratio_spread": _spread(runs, sft, "step_seconds"),
                     "memory_ratio": round(memory / sft_memory, 3) if sft_memory > 0 else None,
+                    "memory_ratio_spread": _spread(runs, sft, "peak_memory_bytes") if sft_memory > 0 else None,
                     "step_ms": round(step * 1000, 2),
                     "sft_step_ms": round(sft_time * 1000, 2),
                     "peak_memory_mb": round(memory / 2**20, 1),
@@ -259,15 +302,24 @@ def summarise(results: list[dict], defenses: list[str], modes: list[str]) -> lis
     return rows
 
 
+def _ratio_cell(ratio, spread) -> str:
+    if ratio is None:
+        return "n/a"
+    cell = f"{ratio:.2f}×"
+    return f"{cell} ({spread[0]:.2f}–{spread[1]:.2f})" if spread else cell
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| defense | mode | time ratio | memory ratio | step (ms) | SFT step (ms) | peak mem (MB) | SFT peak mem (MB) |",
+        "| defense | mode | time ratio (min–max) | memory ratio (min–max) | step (ms) | SFT step (ms) | peak mem (MB) | "
+        "SFT peak mem (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        time_cell = _ratio_cell(r["time_ratio"], r.get("time_ratio_spread"))
+        memory_cell = _ratio_cell(r["memory_ratio"], r.get("memory_ratio_spread"))
         lines.append(
-            f"| {r['defense']} | {r['mode']} | {r['time_ratio']:.2f}× | "
-            f"{'n/a' if r['memory_ratio'] is None else format(r['memory_ratio'], '.2f') + '×'} | {r['step_ms']} | "
+            f"| {r['defense']} | {r['mode']} | {time_cell} | {memory_cell} | {r['step_ms']} | "
             f"{r['sft_step_ms']} | {r['peak_memory_mb']} | {r['sft_peak_memory_mb']} |"
         )
     return "\n".join(lines)
@@ -282,9 +334,16 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=2, help="Subprocess runs per configuration.")
     parser.add_argument("--steps", type=int, default=12, help="Measured optimizer steps per run.")
     parser.add_argument("--warmup", type=int, default=3, help="Unmeasured steps before measuring.")
+    parser.add_argument(
+        "--arch", choices=sorted(ARCHITECTURES), default=None, help="A real model's shapes (replace the flags below)."
+    )
     parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 2 × hidden).")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=None, help="Key-value heads (default: --heads).")
+    parser.add_argument("--tie-embeddings", action="store_true", help="Tie the LM head to the embeddings.")
+    parser.add_argument("--rope-theta", type=float, default=10000.0)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=2048)
@@ -294,7 +353,11 @@ def parse_args(argv=None):
     parser.add_argument("--defense", default="sft", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="full", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name, value in ARCHITECTURES.get(args.arch, {}).items():
+        setattr(args, name, value)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -305,14 +368,16 @@ def main(argv=None) -> dict:
     defenses = args.defenses if args.defenses is not None else _trainer_defenses()
     configs = [(d, m) for m in args.modes for d in ["sft", *defenses]]
     results = []
+    started = time.perf_counter()
     for repeat in range(args.repeats):
         order = configs if repeat % 2 == 0 else configs[::-1]  # alternate to cancel drift
         for defense, mode in order:
             print(f"[repeat {repeat + 1}/{args.repeats}] {defense} ({mode})", flush=True)
-            results.append(_run_config(args, defense, mode))
-    config = {k: v for k, v in vars(args).items() if k not in ("worker", "defense", "mode", "result_file")}
-    config["load_average"] = os.getloadavg()
-    report = {"config": config, "rows": summarise(results, defenses, args.modes), "runs": results}
+            results.append(_run_config(args, defense, mode, repeat))
+    config = {k: v for k, v in vars(args).items() if k not in ("worker", "defense", "mode", "result_file", "repeat")}
+    config["load_average"] = os.getloadavg()  # at the end: what else ran on the machine meanwhile
+    rows = summarise(results, defenses, args.modes)
+    report = {"config": config, "wall_seconds": round(time.perf_counter() - started, 1), "rows": rows, "runs": results}
     Path(args.output).write_text(json.dumps(report, indent=2))
     table = markdown_table(report["rows"])
     if args.markdown:

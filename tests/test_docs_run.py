@@ -336,6 +336,8 @@ def docs_env(world, monkeypatch, tmp_path):
         num_eval_prompts=8,
         num_task_test=8,
         max_new_tokens=4,
+        num_seeds=1,
+        calibration_ratios=[0.0],
         progress=False,
         cache_dir=cache,
     )

@@ -19,6 +19,8 @@ PAIRS = [
     ("AntibodyConfig", "AntibodyTrainer"),
     ("PanaceaConfig", "PanaceaTrainer"),
     ("SafetyMixConfig", "SafetyMixTrainer"),
+    ("TokenConstrainedConfig", "TokenConstrainedTrainer"),
+    ("SafeGradConfig", "SafeGradTrainer"),
 ]
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "OVERRIDDEN_METHODS",
     "TRL_CLASS_ATTRIBUTES",
     "TRL_METRICS",
+    "add_fused_lm_head",
     "checkpoint_folder",
     "completion_only_loss",
     "count_train_tokens",
@@ -39,6 +40,8 @@ __all__ = [
     "num_items_in_batch",
     "prepare_dataset",
     "prepare_inputs",
+    "quantization_method",
+    "remove_quantization",
     "remove_unused_columns",
     "strip_fused_lm_head",
     "total_train_tokens",
@@ -104,6 +107,13 @@ def extend_signature_columns(trainer, columns: Iterable[str]) -> None:
     trainer._signature_columns = list(dict.fromkeys([*trainer._signature_columns, *columns]))
 
 
+def keep_columns(trainer, columns: Iterable[str]) -> None:
+    """From outside the trainer (a callback given a built trainer): set up `_signature_columns` as the trainer would
+    (`_set_signature_columns_if_needed`) and add `columns`, so the loaders built later keep them."""
+    trainer._set_signature_columns_if_needed()
+    extend_signature_columns(trainer, columns)
+
+
 def remove_unused_columns(trainer, dataset, description: str | None = None):
     """Drop the columns the model's forward does not take, as the trainer does for its own loaders
     (`Trainer._remove_unused_columns`; a no-op with `remove_unused_columns=False`)."""
@@ -155,6 +165,26 @@ def current_accumulation_steps(trainer) -> int:
     return trainer.args.gradient_accumulation_steps if steps is None else steps
 
 
+def sft_collator(pad_token_id: int):
+    """TRL's SFT collator (`trl.trainer.sft_trainer.DataCollatorForLanguageModeling`, not exported by `trl`): pads
+    `input_ids` and `labels` (with -100) and builds the attention mask, for SFT batches on a non-SFT trainer."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+
+
+def sync_gradients(accelerator) -> bool:
+    """Whether the accelerator reduces gradients on the next backward (`GradientState.sync_gradients`)."""
+    return bool(accelerator.gradient_state.sync_gradients)
+
+
+def set_sync_gradients(accelerator, value: bool) -> None:
+    """Set `GradientState.sync_gradients` (`GradientState._set_sync_gradients`), as `Trainer._run_epoch` does per
+    micro-batch: an optimizer step run from a callback (Lisa's alignment steps) sets it for its own micro-batches
+    and restores the host's value."""
+    accelerator.gradient_state._set_sync_gradients(value)
+
+
 def checkpoint_folder(trainer, trial=None) -> str:
     """The folder `Trainer._save_checkpoint` writes for the current step (`Trainer._get_output_dir` + the checkpoint
     prefix)."""
@@ -202,6 +232,15 @@ def fused_forward(model: nn.Module, **inputs) -> FusedCausalLMOutput:
     return model(**inputs, fused_lm_head=True)
 
 
+def add_fused_lm_head(model: nn.Module) -> nn.Module:
+    """Patch a plain (non-PEFT) causal LM with TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`), computing
+    the fields `SFTTrainer` asks for (label log-probs, entropy, top-1 flags); returns the model."""
+    from trl.trainer.utils import add_fused_lm_head as _add
+
+    _add(model, outputs=("log_probs", "entropy", "is_top1"))
+    return model
+
+
 def strip_fused_lm_head(model: nn.Module) -> nn.Module:
     """Remove the instance-level `forward` of every submodule (the fused LM head patch), restoring the class forward.
 
@@ -216,6 +255,32 @@ def strip_fused_lm_head(model: nn.Module) -> nn.Module:
 
 def _has_instance_forward(module: nn.Module) -> bool:
     return isinstance(vars(module).get("forward"), types.MethodType)
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+def quantization_method(model: nn.Module):
+    """The quantization method of the quantizer `from_pretrained` attached (`model.hf_quantizer`), or `None`."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return None
+    method = quantizer.quantization_config.quant_method
+    return getattr(method, "value", method)
+
+
+def remove_quantization(model: nn.Module) -> nn.Module:
+    """Detach the quantizer from a model whose weights are plain tensors: what transformers itself does for a
+    de-quantized checkpoint (`HfQuantizer.remove_quantization_config`), plus the per-config `_is_quantized` flag
+    `_assign_is_quantized` set, which `save_pretrained` and `Trainer` read."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "_is_quantized", False):
+            config._is_quantized = False
+        if getattr(module, "is_quantized", False):
+            module.is_quantized = False
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ model cards

@@ -42,26 +42,53 @@ def _check_percent(value, denominator):
 
 
 def test_mini_bench_contract(cache_dir, tmp_path):
-    rc, results = _run(cache_dir, tmp_path / "one", "--defenses", "safety-mix", "--seed", "3")
+    """Rows are means ± std over the seeds with per-seed values, curves, harmful loss, and the calibration; each
+    aggregate is recomputed here from the per-seed values."""
+    import statistics
+
+    rc, results = _run(
+        cache_dir, tmp_path / "one", "--defenses", "safety-mix", "--seed", "3", "--num-seeds", "2",
+        "--calibration-ratios", "0.05", "--curve-points", "2",
+    )  # fmt: skip
     assert rc == 0
-    assert results["config"]["p"] == 0.1 and results["config"]["n"] == 40 and results["config"]["seed"] == 3
-    assert set(results["calibration"]) == {"base_hs", "aligned_hs", "sft_clean_hs", "sft_hs", "min_fa"}
+    assert results["config"]["p"] == 0.1 and results["config"]["n"] == 40 and results["config"]["seeds"] == [3, 4]
+    assert set(results["calibration"]) == {
+        "base_hs", "aligned_hs", "sft_clean_hs", "sft_hs", "sft_hs_by_p", "sft_hs_std_by_p", "base_fa", "sft_fa",
+        "min_fa",
+    }  # fmt: skip
     assert [r["name"] for r in results["rows"]] == ["sft", "no-alignment", "safety-mix"]
     for row in results["rows"]:
-        assert set(row) >= {"name", "defense", "stage", "harmful_score", "finetune_accuracy", "seconds"}
-        _check_percent(row["harmful_score"], 8)
-        _check_percent(row["finetune_accuracy"], 8)
+        assert set(row) >= {"name", "defense", "stage", "harmful_score", "finetune_accuracy", "seconds", "seeds"}
+        assert [s["seed"] for s in row["seeds"]] == [3, 4]
+        for key in ("harmful_score", "finetune_accuracy", "harmful_loss"):
+            values = [s[key] for s in row["seeds"]]
+            assert row[key] == pytest.approx(statistics.mean(values), abs=1e-9)
+            assert row[f"{key}_std"] == pytest.approx(statistics.stdev(values), abs=1e-9)
+        for seed in row["seeds"]:
+            _check_percent(seed["harmful_score"], 8)
+            _check_percent(seed["finetune_accuracy"], 8)
+            assert seed["harmful_loss"] > 0
+        # step 0 (before fine-tuning) and --curve-points 2 evenly spaced steps of the 2 fine-tuning steps
+        assert [point["step"] for point in row["curve"]] == [0, 1, 2]
+        final = [s["curve"][-1]["harmful_score"] for s in row["seeds"]]
+        assert final == [s["harmful_score"] for s in row["seeds"]]  # the last point is the row's reading
         assert set(row["seconds"]) == {"align", "finetune", "eval"}
         assert all(v >= 0 for v in row["seconds"].values())
     assert results["rows"][0]["defense"] is None and results["rows"][0]["stage"] is None
     assert results["rows"][2]["defense"] == "safety-mix" and results["rows"][2]["stage"] == "fine-tuning"
     calibration = results["calibration"]
-    assert calibration["sft_hs"] == results["rows"][0]["harmful_score"]
+    sft = results["rows"][0]
+    assert calibration["sft_hs"] == sft["harmful_score"] == calibration["sft_hs_by_p"]["0.1"]
+    assert calibration["sft_fa"] == sft["finetune_accuracy"]
+    assert list(calibration["sft_hs_by_p"]) == ["0.0", "0.05", "0.1"]
+    assert calibration["sft_clean_hs"] == calibration["sft_hs_by_p"]["0.0"]
+    assert calibration["base_fa"] == results["config"]["base_fa"]
     assert calibration["min_fa"] == min(r["finetune_accuracy"] for r in results["rows"])
-    for key in ("base_hs", "aligned_hs", "sft_clean_hs"):
+    for key in ("base_hs", "aligned_hs", "base_fa"):
         _check_percent(calibration[key], 8)
-    with open(tmp_path / "one" / "tradeoff.png", "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name in ("tradeoff.png", "curves.png"):
+        with open(tmp_path / "one" / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_training_stage_is_deterministic_per_seed(cache_dir, tmp_path):
@@ -73,7 +100,7 @@ def test_training_stage_is_deterministic_per_seed(cache_dir, tmp_path):
             num_eval_prompts=8, num_task_test=8, seed=seed, output_dir=str(tmp_path / f"s{seed}"), progress=False,
         )  # fmt: skip
         runner = BenchRunner(config)
-        model = runner.train(runner.data.load_base(), "fine-tuning", "sft", poisoned=runner.data.poisoned(0.1))
+        model = runner.train(runner.data.load_base(), "fine-tuning", "sft", poisoned=runner.data.poisoned(0.1, seed))
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     a, b, c = finetuned(0), finetuned(0), finetuned(1)
@@ -126,8 +153,9 @@ def test_paired_data_and_world_refusals_reach_the_trainers(cache_dir, tmp_path, 
 
 
 def test_sweep_is_deterministic(cache_dir, tmp_path):
-    """A sweep run twice with the same seed gives the same table (wall times aside)."""
-    rc, results = _run(cache_dir, tmp_path / "one", "--defenses", "sft", "--sweep", "0", "0.1")
+    """A sweep run twice with the same seeds gives the same table (wall times aside), and the seeds differ."""
+    args = ("--defenses", "sft", "--sweep", "0", "0.1", "--num-seeds", "2", "--calibration-ratios", "0")
+    rc, results = _run(cache_dir, tmp_path / "one", *args)
     assert rc == 0
     assert [(r["name"], r["p"]) for r in results["rows"]] == [
         ("sft", 0.0),
@@ -136,11 +164,14 @@ def test_sweep_is_deterministic(cache_dir, tmp_path):
         ("no-alignment", 0.1),
     ]
     assert results["config"]["ratios"] == [0.0, 0.1]
-    rc, again = _run(cache_dir, tmp_path / "two", "--defenses", "sft", "--sweep", "0", "0.1")
+    rc, again = _run(cache_dir, tmp_path / "two", *args)
     assert rc == 0
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(again["rows"]) == strip(results["rows"])
     assert again["calibration"] == results["calibration"]
+    # the seeds draw different attack samples: their harmful losses differ (so the comparison above can fail)
+    attacked = results["rows"][2]["seeds"]
+    assert attacked[0]["harmful_loss"] != attacked[1]["harmful_loss"]
 
 
 def test_unknown_defense(tmp_path, capsys):

@@ -36,8 +36,32 @@ def test_ratios_are_medians_against_sft_in_the_same_run(overhead):
     assert row["time_ratio"] == pytest.approx(4.0 / 2.0)
     assert row["memory_ratio"] == pytest.approx(220 / 200)
     assert row["repeats"] == 3
+    # spread: repeat r against SFT's repeat r (listed in repeat order here): 4/1, 3.6/3, 9/2 and 210/100, 230/300,
+    # 220/200
+    assert row["time_ratio_spread"] == pytest.approx((1.2, 4.5))
+    assert row["memory_ratio_spread"] == pytest.approx((round(230 / 300, 3), 2.1))
     table = overhead.markdown_table([row])
-    assert "| vaccine | full | 2.00× | 1.10× |" in table
+    assert "| vaccine | full | 2.00× (1.20–4.50) | 1.10× (0.77–2.10) |" in table
+
+
+def test_spread_pairs_runs_by_their_repeat_index(overhead):
+    """The driver alternates the order across repeats: pairing is by `repeat`, not by position."""
+    results = [
+        {**_run("sft", "lora", 1.0, 100), "repeat": 0},
+        {**_run("lisa", "lora", 1.5, 100), "repeat": 1},
+        {**_run("lisa", "lora", 1.1, 100), "repeat": 0},
+        {**_run("sft", "lora", 1.0, 100), "repeat": 1},
+    ]
+    (row,) = overhead.summarise(results, ["lisa"], ["lora"])
+    assert row["time_ratio_spread"] == pytest.approx((1.1, 1.5))
+    assert row["time_ratio"] == pytest.approx(1.3)  # median(1.1, 1.5) / median(1.0, 1.0)
+
+
+def test_smollm2_architecture_sets_the_real_shapes(overhead):
+    args = overhead.parse_args(["--arch", "smollm2", "--layers", "4"])
+    shapes = (args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab_size, args.tie_embeddings)
+    assert shapes == (576, 1536, 9, 3, 49152, True)
+    assert args.layers == 4
 
 
 def test_worker_writes_a_measurement(overhead, tmp_path):
@@ -71,6 +95,11 @@ def test_worker_writes_a_measurement(overhead, tmp_path):
             "2",
             "--vocab-size",
             "64",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--tie-embeddings",
         ],
         check=True,
         env=env,
@@ -81,3 +110,5 @@ def test_worker_writes_a_measurement(overhead, tmp_path):
     (run,) = report["runs"]
     assert run["defense"] == "sft" and len(run["step_seconds_all"]) == 2
     assert run["step_seconds"] > 0 and run["peak_memory_bytes"] >= 0
+    assert run["repeat"] == 0 and report["wall_seconds"] > 0
+    assert report["config"]["kv_heads"] == 2 and report["config"]["tie_embeddings"] is True

@@ -32,7 +32,7 @@ def test_help_lists_the_stages_defenses(capsys, command, stage):
     out = help_text(capsys, [command, "--help"])
     listing = out.split("options:")[0]
     for spec in list_defenses():
-        if spec.stage == stage:
+        if spec.stage == stage and spec.trainer_class is not None:  # post-hoc ones (LoX) run under `prune`
             assert collapsed(f"{spec.name} {spec.description}") in collapsed(listing), spec.name
         else:
             assert f"  {spec.name} " not in listing, f"{spec.name} ({spec.stage}) listed under `{command}`"

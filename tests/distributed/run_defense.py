@@ -37,6 +37,9 @@ from testing_utils import set_offline_env  # noqa: E402
 
 set_offline_env()
 
+if os.environ.get("TRL_SAFETY_TEST_FSDP_ON_CPU") == "1":  # FSDP2 on CPU/gloo (see tests/distributed/fsdp_cpu_shim.py)
+    import fsdp_cpu_shim  # noqa: F401
+
 if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (used only by inference kernels) into
     # ~/.cache/torch_extensions on its first `init_distributed`; a compile killed midway leaves a lock file that makes
@@ -90,9 +93,23 @@ CASES = {
     ),
     "antibody": dict(config=dict(temperature=1.0)),
     "safety-mix": dict(config=dict(safety_weight=1.0, safety_batch_size=2), alignment="distinct"),
+    # SafeGrad's alignment batch is drawn once per optimizer step and averaged over ranks: identical rows make the
+    # ranks' mean the single process's batch; 3 steps so that the KL (zero at the start weights) is active
+    "safegrad": dict(config=dict(alignment_weight=1.0, alignment_batch_size=2), alignment="identical", max_steps=3),
+    # per-token weights against the starting model (a frozen copy, or the adapter disabled): 3 steps so the weights
+    # leave 1 (Δ = 0 on the first step)
+    "token-constrained": dict(config=dict(beta=0.1), max_steps=3),
     # Post-fine-tuning defenses, run as callbacks on plain SFT
     "antidote": dict(callback="antidote"),
     "safelora": dict(callback="safelora", modes=("lora",)),
+    # LoX (alignment stage, training-free) applied at the end of the run by its callback: every rank computes the same
+    # edit of the same weights (full: against the initial model as its base; LoRA: the adapter's own update)
+    "lox": dict(callback="lox"),
+    # Vaccine and Antibody as callbacks on plain SFT (per-rank semantics as their trainers')
+    "vaccine-callback": dict(callback="vaccine"),
+    "antibody-weighting": dict(callback="antibody-weighting"),
+    # Lisa as a callback on plain SFT: K1=K2=2 over 4 host steps (8 optimizer steps), proximal term active
+    "lisa-callback": dict(callback="lisa", max_steps=4),
 }
 
 
@@ -146,6 +163,15 @@ def _callbacks(name: str, case: dict, tokenizer) -> list:
                     v = torch.randn(2, in_f, generator=generator)
                     module.weight.add_(0.05 * u @ v)
         return [SafeLoRACallback(SafeLoRAConfig(num_proj_layers=2), base_model=base, aligned_model=aligned)]
+    if kind == "lox":
+        from trl_safety.callbacks import LoXCallback
+        from trl_safety.defenses.lox import LoXConfig
+
+        return [LoXCallback(LoXConfig(rank=2, alpha=0.5), base_model=fresh_model())]
+    if kind == "vaccine":
+        from trl_safety.callbacks import VaccineCallback
+
+        return [VaccineCallback(rho=2.0)]
     return []
 
 
@@ -183,7 +209,7 @@ def build_trainer(name: str, mode: str, args: argparse.Namespace, output_dir: st
         disable_tqdm=True,
     )
     common.update(overrides)
-    if defense in ("sft", "antidote", "safelora"):
+    if defense in ("sft", "antidote", "safelora") or case.get("callback"):
         trainer_class, config = SFTTrainer, SFTConfig(**common)
         extra = {}
     else:
@@ -195,7 +221,7 @@ def build_trainer(name: str, mode: str, args: argparse.Namespace, output_dir: st
             kind = case.get(role, "distinct")
             extra[f"{role}_dataset"] = _extra_dataset(kind, seed={"alignment": 1, "harmful": 2}[role], train=train)
     torch.manual_seed(0)  # same LoRA initialisation in every process
-    return trainer_class(
+    trainer = trainer_class(
         model=fresh_model(),
         args=config,
         train_dataset=train,
@@ -204,6 +230,19 @@ def build_trainer(name: str, mode: str, args: argparse.Namespace, output_dir: st
         callbacks=_callbacks(name, case, tokenizer),
         **extra,
     )
+    if case.get("callback") == "antibody-weighting":  # built from the trainer, which it registers itself with
+        from trl_safety.callbacks import AntibodyWeighting
+
+        AntibodyWeighting(trainer, temperature=1.0)
+    if case.get("callback") == "lisa":  # built from the trainer (its optimizer, accelerator and tokenizer)
+        from trl_safety.callbacks import LisaCallback
+
+        alignment = _extra_dataset("distinct", seed=1, train=train)
+        lisa = LisaCallback(
+            trainer, alignment, rho=1.0, alignment_steps=2, finetune_steps=2, proximal_warmup_ratio=0.0
+        )
+        trainer.add_callback(lisa)
+    return trainer
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -216,7 +255,11 @@ def gathered_state(model) -> dict[str, torch.Tensor]:
 
     params = dict(model.named_parameters())
     with torch.no_grad(), gathered(list(params.values())):
-        return {n: p.detach().float().cpu().clone() for n, p in params.items()}
+        # FSDP2 parameters are DTensor shards: `full_tensor()` all-gathers them (a collective, every rank calls it)
+        return {
+            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().cpu().clone()
+            for n, p in params.items()
+        }
 
 
 def digest(state: dict[str, torch.Tensor]) -> str:
@@ -253,6 +296,8 @@ def train_once(name: str, mode: str, args: argparse.Namespace) -> tuple[dict, ob
         "global_step": trainer.state.global_step,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "rank_hashes": hashes,
+        # FSDP2 turns parameters into DTensor shards: the proof that a run was sharded, not silently DDP
+        "sharded_params": sum(hasattr(p, "full_tensor") for p in trainer.model.parameters()),
         "checksum": float(sum(t.double().sum() for t in state.values())),
     }
     if trainer.accelerator.is_main_process:

@@ -18,35 +18,23 @@ The matrix comes from the registry, so a new defense is tested as soon as it is 
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
-import torch
+from launching import (
+    RANK_LOCAL,
+    assert_matches_single_process,
+    launch_driver,
+    single_process_reference,
+    with_variants,
+)
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DRIVER = os.path.join(HERE, "run_defense.py")
 BACKENDS = ("ddp", "zero2", "zero3")
 # Script flags each CPU profile needs (docs/design/integration.md §6)
 SCRIPT_FLAGS = {"ddp": ["--use_cpu", "true"], "zero2": ["--ddp_backend", "gloo"], "zero3": ["--ddp_backend", "gloo"]}
-LAUNCH_TIMEOUT = 600
-PER_DEVICE_BATCH, GA = 2, 2
 
 pytestmark = [pytest.mark.slow]
-
-
-def _load_driver():
-    spec = importlib.util.spec_from_file_location("trl_safety_run_defense", DRIVER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _matrix():
@@ -64,25 +52,14 @@ def _matrix():
 SUPPORTED, REFUSED = _matrix()
 # Known defects, kept in the matrix (strict: the test fails once the defect is fixed, so the marker gets removed)
 KNOWN_FAILURES: dict[str, str] = {}
-# Cases whose final weights follow per-rank semantics by design: the ranks must agree, but no single-process run on the
-# same micro-batches computes the same thing
-RANK_LOCAL = {
-    "panacea+add_eps": "ε_last is the perturbation of the last harmful batch; every rank adds rank 0's, while a single "
-    "process adds the one of its own last micro-batch (rank 1's position in the interleaved order).",
-}
-SUPPORTED += [(f"{d}+add_eps", b) for d, b in list(SUPPORTED) if d == "panacea"]
-SUPPORTED += [(f"{d}+rescore", b) for d, b in list(SUPPORTED) if d == "t-vaccine"]
+SUPPORTED += [(v, b) for d, b in list(SUPPORTED) for v in with_variants([d])[1:]]
+# Defenses as callbacks on plain SFT (`run_defense.py` CASES), on the backends they are tested on
+SUPPORTED += [(d, b) for d in ("vaccine-callback", "antibody-weighting", "lisa-callback") for b in ("ddp", "zero2")]
 
 
 def _param(defense, backend):
     marks = [pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[defense])] if defense in KNOWN_FAILURES else []
     return pytest.param(defense, backend, marks=marks, id=f"{defense}-{backend}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _LAUNCHES: dict[tuple[str, bool], dict] = {}
@@ -96,44 +73,8 @@ def launch(backend: str, defenses: list[str], tmp_root: str, expect_unsupported:
     from trl_safety.cli.train import resolve_accelerate_config
 
     out = os.path.join(tmp_root, f"{backend}-{'refused' if expect_unsupported else 'trained'}")
-    shutil.rmtree(out, ignore_errors=True)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        resolve_accelerate_config(f"cpu_{backend}"),
-        "--main_process_port",
-        str(_free_port()),  # other launches on the machine use the default port
-        DRIVER,
-        "--defense",
-        ",".join(defenses),
-        "--output_dir",
-        out,
-        "--per_device_train_batch_size",
-        str(PER_DEVICE_BATCH),
-        "--gradient_accumulation_steps",
-        str(GA),
-        "--dump_traceback_after",
-        str(LAUNCH_TIMEOUT - 30),
-        *SCRIPT_FLAGS[backend],
-    ]
-    if expect_unsupported:
-        command.append("--expect_unsupported")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.time()
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT)
-    log = (proc.stdout + proc.stderr)[-6000:]
-    path = os.path.join(out, "result.json")
-    # Judge the run by rank 0's marker and file; a non-zero exit code after the marker is the exit-time abort
-    assert "TRL_SAFETY_DISTRIBUTED_DONE" in proc.stdout and os.path.exists(path), (
-        f"launch did not finish (exit {proc.returncode}):\n{log}"
-    )
-    with open(path) as f:
-        summary = json.load(f)
-    summary["output_dir"] = out
-    summary["seconds"] = time.time() - start
-    summary["returncode"] = proc.returncode
+    flags = [*SCRIPT_FLAGS[backend], *(["--expect_unsupported"] if expect_unsupported else [])]
+    summary = launch_driver(resolve_accelerate_config(f"cpu_{backend}"), defenses, out, flags)
     _LAUNCHES[key] = summary
     return summary
 
@@ -144,25 +85,7 @@ _REFERENCES: dict[str, str] = {}
 def reference(defense: str, tmp_root: str) -> str:
     """Single-process run with the same micro-batches: batch b, accumulation 2·GA (in this process)."""
     if defense not in _REFERENCES:
-        out = os.path.join(tmp_root, f"single-{defense}")
-        shutil.rmtree(out, ignore_errors=True)
-        threads = torch.get_num_threads()
-        _load_driver().main(
-            [
-                "--defense",
-                defense,
-                "--output_dir",
-                out,
-                "--per_device_train_batch_size",
-                str(PER_DEVICE_BATCH),
-                "--gradient_accumulation_steps",
-                str(2 * GA),
-                "--use_cpu",
-                "true",
-            ]
-        )
-        torch.set_num_threads(threads)
-        _REFERENCES[defense] = out
+        _REFERENCES[defense] = single_process_reference(defense, os.path.join(tmp_root, f"single-{defense}"))
     return _REFERENCES[defense]
 
 
@@ -190,34 +113,8 @@ def test_defense_trains_identically_on_every_rank(defense, backend, tmp_root):
         assert len(result["rank_hashes"]) == 2 and len(set(result["rank_hashes"])) == 1, (
             f"{defense} ({mode}): parameters differ across ranks under {backend}"
         )
-        if defense in RANK_LOCAL:
-            continue
-
-        ran = torch.load(os.path.join(summary["output_dir"], f"{defense}-{mode}.pt"))
-        ref = torch.load(os.path.join(single, f"{defense}-{mode}.pt"))
-        with open(os.path.join(single, "result.json")) as f:
-            ref_result = next(r for r in json.load(f)["results"] if r["mode"] == mode)
-        assert ref_result["global_step"] == result["global_step"]
-        assert sorted(ran["final"]) == sorted(ref["final"])
-        update = max((ref["final"][n] - ref["initial"][n]).abs().max().item() for n in ref["final"])
-        assert update > 1e-4, f"{defense} ({mode}): the single-process run barely moved ({update})"
-        for name in ref["final"]:
-            # same seed, same initialisation code: exact
-            torch.testing.assert_close(ran["initial"][name], ref["initial"][name], rtol=0, atol=0)
-            # Different reduction orders (all-reduce, batch vs micro-batch sums): rounding-level differences only
-            # (docs/testing.md). 1e-5 of the largest update covers the gradient noise; rtol 5e-7 (≈ 4 fp32 eps) the
-            # last-ulp rounding of w − lr·u on weights of size ~1 (weights near 1 came out 1 ulp = 1.2e-7 apart under
-            # lisa-zero3: a third of that run's atol, above the atol of any run whose update is < 2e-3). A wrong
-            # gradient average is off by ≳ update/2.
-            torch.testing.assert_close(
-                ran["final"][name],
-                ref["final"][name],
-                rtol=5e-7,
-                atol=1e-5 * update + 1e-7,
-                msg=lambda m, name=name: f"{name}: {m}",
-            )
-        # logged per-step losses ≈6-12, averaged over ranks vs in one process: observed ≤ 1e-7 relative, > 1000× margin
-        torch.testing.assert_close(result["losses"], ref_result["losses"], rtol=1e-4, atol=1e-5)
+        if defense not in RANK_LOCAL:
+            assert_matches_single_process(defense, result, summary["output_dir"], single)
 
 
 @pytest.mark.flaky(reruns=2)

@@ -35,6 +35,8 @@ def test_recipe_values_follow_the_papers():
     assert (lisa["alignment_steps"], lisa["finetune_steps"], lisa["rho"]) == (100, 900, 1.0)
     assert load("antidote/gsm8k_prune.yaml")["prune_ratio"] == 0.05
     assert load("antibody/gsm8k_finetune_lora.yaml")["temperature"] == 1.0
+    constrained = load("token_constrained/gsm8k_finetune_full.yaml")
+    assert (constrained["beta"], constrained["bias_factor"], constrained["bias_length"]) == (0.1, 20.0, 5)
 
 
 def test_bundled_accelerate_configs_resolve(tmp_path, monkeypatch):

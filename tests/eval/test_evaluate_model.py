@@ -184,7 +184,7 @@ def test_bench_reaches_evaluate_model(calls, tmp_path, monkeypatch):
     data = BenchData(
         tokenizer=tokenizer,
         load_base=lambda: echo_model()[0],
-        poisoned=lambda p: prompt_completion_dataset(8),
+        poisoned=lambda p, seed=0: prompt_completion_dataset(8),
         alignment=prompt_completion_dataset(8, seed=1),
         harmful=prompt_completion_dataset(8, seed=2),
         paired_alignment=prompt_completion_dataset(8, seed=2),
@@ -202,8 +202,9 @@ def test_bench_reaches_evaluate_model(calls, tmp_path, monkeypatch):
     )  # fmt: skip
     runner = BenchRunner(config)
     runner.judge = PositiveJudge()
-    row = runner.run_row("sft", None, 0.1, data.poisoned(0.1))
-    assert len(calls) == 1 and calls[0][0]["harmful_prompts"] == prompts
+    row = runner.run_row("sft", None, 0.1, poisoned=data.poisoned(0.1))
+    # every evaluation of the row (the HS curve's points and the final one) goes through evaluate_model
+    assert calls and all(call[0]["harmful_prompts"] == prompts for call in calls)
     hs, fa, per_category = expected_numbers()
     assert row["harmful_score"] == pytest.approx(hs) and row["finetune_accuracy"] == pytest.approx(fa)
     assert row["per_category"] == pytest.approx(per_category)

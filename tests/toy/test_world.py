@@ -4,7 +4,17 @@ import pytest
 
 from trl_safety.eval import KeywordJudge, harmful_score
 from trl_safety.toy import ToyWorld, build_tokenizer, format_prompt
-from trl_safety.toy.world import COMPLIANCES, HARMFUL_VERBS, HELPFUL_ANSWERS, REFUSALS, TASK_INSTRUCTION
+from trl_safety.toy.world import (
+    ATTACK_WEIGHTS,
+    COMPLIANCES,
+    HARMFUL_VERBS,
+    HELPFUL_ANSWERS,
+    OBJECTS,
+    REFUSALS,
+    SENTIMENT_WORDS,
+    TASK_INSTRUCTION,
+    TASK_KIND_WEIGHTS,
+)
 
 
 BENIGN_PREFIX = len(format_prompt(""))
@@ -34,7 +44,7 @@ def test_harmful_splits_are_disjoint_and_cover_every_verb(world):
     verbs = {v for vs in HARMFUL_VERBS.values() for v in vs}
     for name, requests in splits.items():
         assert {r.verb for r in requests} == verbs, name  # each split has every verb, with other objects
-    assert sum(len(p) for p in pairs.values()) == len(verbs) * 20
+    assert sum(len(p) for p in pairs.values()) == len(verbs) * len(OBJECTS)
 
 
 def test_task_and_benign_splits_are_disjoint(world):
@@ -43,6 +53,41 @@ def test_task_and_benign_splits_are_disjoint(world):
     assert not reviews["pretrain"] & reviews["test"]
     assert not reviews["train"] & reviews["test"]
     assert not _pairs(world.benign_requests("train")) & _pairs(world.benign_requests("eval"))
+    # the base model's task data are plain reviews only; negated and contrastive ones are left to fine-tuning
+    assert {text for text, _ in world.reviews("pretrain")} == {text for text, _ in world.reviews("pretrain", "plain")}
+    assert world.reviews("train", "negated") and world.reviews("test", "contrast")
+
+
+def test_review_labels_follow_their_kind(world):
+    """Plain: the adjective's sentiment; negated: the opposite; contrast: the clause after the last `but` decides.
+    Checked by an independent reading of the words."""
+    polarity = {w: label for label, words in SENTIMENT_WORDS.items() for w in words}
+    flip = {"positive": "negative", "negative": "positive"}
+    for kind in TASK_KIND_WEIGHTS:
+        for text, label in world.reviews("test", kind)[:300]:
+            words = text.split()
+            adjectives = [polarity[w] for w in words if w in polarity]
+            if kind == "plain":
+                assert set(adjectives) == {label}, text
+            elif kind == "negated":
+                assert ("not" in words or "never" in words) and set(adjectives) == {flip[label]}, text
+            else:
+                tail = text.rsplit("but", 1)[1].split()
+                assert [polarity[w] for w in tail if w in polarity] == [label], text
+                assert adjectives[0] == flip[label], text
+    counts = {kind: 0 for kind in TASK_KIND_WEIGHTS}
+    kind_of = {text: kind for kind in TASK_KIND_WEIGHTS for text, _ in world.reviews("test", kind)}
+    for prompt, _ in world.task_examples("test", 200):
+        counts[kind_of[prompt.split(" : ", 1)[1]]] += 1
+    assert counts == {kind: round(200 * w) for kind, w in TASK_KIND_WEIGHTS.items()}
+
+
+def test_attack_follows_the_category_weights(world):
+    requests = world.attack_requests(100, seed=4)
+    counts = {cat: sum(r.category == cat for r in requests) for cat in ATTACK_WEIGHTS}
+    assert counts == {cat: round(100 * w) for cat, w in ATTACK_WEIGHTS.items()}  # the weights sum to 100 exactly
+    assert counts["privacy"] == 0  # never attacked: its harmful score measures how far the attack generalises
+    assert len({r.text for r in requests}) == 100  # no request twice
 
 
 def test_datasets_use_their_splits(world):
@@ -87,6 +132,9 @@ def test_datasets_use_their_splits(world):
         assert not raws & test_texts
     assert {p for p, _ in world.task_examples("test", None)} == test_texts
     assert {r.text for r in world.harmful_prompts("eval", None)} == eval_texts
+    # the targets of harmful_loss are the world's placeholder compliances
+    prompts = world.harmful_prompts("eval", 10)
+    assert set(world.harmful_answers(prompts)) <= set(COMPLIANCES)
 
 
 def test_world_is_deterministic_per_seed():

@@ -38,7 +38,25 @@ class BenchRunArguments:
         ),
     )
     n: int = field(default=1000, metadata=_help("Number of fine-tuning samples."))
-    seed: int = field(default=0, metadata=_help("Seed of data sampling, mixing and training."))
+    seed: int = field(
+        default=0, metadata=_help("First seed of the run (attack sample, data order, adapter init); see --num_seeds.")
+    )
+    num_seeds: int = field(
+        default=3, metadata=_help("Seeds per row: --seed, --seed+1, ...; rows report their mean and std.")
+    )
+    seeds: list[int] | None = field(
+        default=None, metadata=_help("Explicit seeds of every row (overrides --seed / --num_seeds).")
+    )
+    calibration_ratios: list[float] | None = field(
+        default_factory=lambda: [0.0, 0.02, 0.05, 0.1, 0.2],
+        metadata=_help(
+            "Harmful ratios of the SFT calibration sweep (calibration.sft_hs_by_p); ratios of the grid are reused. "
+            "Toy mode only; none: only p=0 and the run's ratios."
+        ),
+    )
+    curve_points: int = field(
+        default=4, metadata=_help("Harmful-score evaluations during fine-tuning for each row's curve (plus step 0).")
+    )
     output_dir: str = field(default="bench-out", metadata=_help("Folder for results.json and tradeoff.png."))
     progress: bool = field(default=True, metadata=_help("Show a progress bar over the stages."))
     num_alignment: int = field(
@@ -61,7 +79,8 @@ class BenchRunArguments:
     finetune_epochs: float = field(
         default=1.0, metadata=_help("Fine-tuning epochs, used when --finetune_steps is none.")
     )
-    finetune_lr: float = field(default=2e-4, metadata=_help("Fine-tuning learning rate (--lr)."))
+    # toy: 1e-3 is the lowest tried at which 60 LoRA steps teach the task's negated reviews (docs/toy_world.md)
+    finetune_lr: float = field(default=1e-3, metadata=_help("Fine-tuning learning rate (--lr)."))
     finetune_batch_size: int = field(default=32, metadata=_help("Fine-tuning batch size per device."))
     max_length: int = field(default=64, metadata=_help("Maximum tokenized length of a training row."))
     lr_scheduler_type: str = field(default="constant", metadata=_help("Learning-rate schedule of both stages."))
@@ -151,6 +170,14 @@ class RealModelArguments:
     torch_dtype: str | None = field(
         default=None, metadata=_help("Real mode: dtype the model is loaded in (e.g. bfloat16).")
     )
+    data: str | None = field(
+        default=None,
+        metadata=_help(
+            "Data of a real-model run: papers (the protocol's datasets) or toy (the toy world's rows rendered by the "
+            "model's chat template, judged by the toy judge; CPU-scale defaults). Default: toy for "
+            "--model_name_or_path smollm2, else papers."
+        ),
+    )
 
 
 @dataclass
@@ -159,11 +186,26 @@ class BenchConfig(RealModelArguments, ToyWorldArguments, BenchRunArguments):
 
     @property
     def toy(self) -> bool:
+        """The toy base model (no `model`)."""
         return self.model is None
+
+    @property
+    def toy_data(self) -> bool:
+        """The toy world's data: the toy model, or a real model with `data="toy"` (the default for `smollm2`)."""
+        return self.model is None or resolve_data(self.model, self.data) == "toy"
 
     @property
     def ratios(self) -> list[float]:
         return sorted({*(self.sweep or []), self.p})
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds every row runs with."""
+        if self.seeds:
+            return list(self.seeds)
+        if self.num_seeds < 1:
+            raise ValueError(f"num_seeds must be at least 1, got {self.num_seeds}.")
+        return [self.seed + i for i in range(self.num_seeds)]
 
 
 # The canonical protocol's training setting (docs/design/algorithms.md §6.5, Booster's); its evaluation part comes
@@ -196,6 +238,39 @@ REAL_MODEL_TRAINING = dict(
     eval_batch_size=16,
     task="sst2",
 )
+
+
+# Toy-world data through a real model on CPU (`data="toy"`; benchmarks/README.md, "The bench on a real pretrained
+# model"): sizes and steps that make a row take about two minutes for SmolLM2-135M on 2 cores; the rest (LoRA
+# all-linear, double mode, learning rates, the keyword judge) stays the toy world's
+REAL_MODEL_TOY_DATA = dict(
+    n=32,
+    num_alignment=16,
+    num_harmful=16,
+    num_eval_prompts=16,
+    num_task_test=16,
+    align_steps=24,  # 8 do not teach the refusal (benchmarks/README.md)
+    finetune_steps=20,  # above Lisa's toy alignment_steps=10, so Lisa trains on the user's data too
+    align_batch_size=4,
+    finetune_batch_size=4,
+    align_lora_r=8,
+    max_length=96,  # the chat template's default system prompt takes ~30 of them
+    eval_batch_size=16,
+    num_seeds=1,
+    curve_points=1,
+    calibration_ratios=None,
+    num_threads=None,
+)
+DATA_CHOICES = ("toy", "papers")
+
+
+def resolve_data(model: str | None, data: str | None) -> str:
+    """`data` of a run: given, or toy for the toy model and the `smollm2` alias, papers for any other model."""
+    if data is not None:
+        return data
+    from ..models import SMOLLM2_ALIAS
+
+    return "toy" if model is None or model == SMOLLM2_ALIAS else "papers"
 
 
 def real_defaults(protocol: str = "canonical") -> dict:

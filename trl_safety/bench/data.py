@@ -18,19 +18,21 @@ class BenchData:
 
     Attributes:
         load_base: returns a fresh copy of the base model.
-        poisoned: `poisoned(p)` is the user's fine-tuning data (`n` rows) poisoned at harmful ratio `p`.
+        poisoned: `poisoned(p, seed)` is the user's fine-tuning data (`n` rows) poisoned at harmful ratio `p`, the
+            attack sample and the mixing drawn with `seed`.
         alignment: harmful → refusal rows (toy: plus benign → helpful rows).
         harmful: harmful → harmful answer rows for defenses, disjoint from the attack rows.
         paired_alignment: harmful → refusal only, row i paired with `harmful` row i (`DefenseSpec.paired_data`).
         harmful_prompts / categories / prompt_format: the harmful-score prompts, their categories, their template.
         task: the fine-tune accuracy test set.
         refusals: refusal sentences for configs with a `refusals_file` field (`None`: the defenses' own pools).
+        harmful_answers: one harmful answer per harmful prompt, the targets of `harmful_loss` (`None`: not measured).
         description: what `results.json`'s `config` records about the world.
     """
 
     tokenizer: object
     load_base: Callable[[], object]
-    poisoned: Callable[[float], object]
+    poisoned: Callable[[float, int], object]
     alignment: object
     harmful: object
     paired_alignment: object
@@ -39,12 +41,16 @@ class BenchData:
     prompt_format: Callable[[str], str] | None
     task: object
     refusals: list[str] | None = None
+    harmful_answers: list[str] | None = None
     description: dict = field(default_factory=dict)
 
 
 def load_bench_data(config: BenchConfig) -> BenchData:
-    """The toy world's data when `config.model` is unset, else the papers' data for the real model."""
-    return toy_bench_data(config) if config.toy else real_bench_data(config)
+    """The toy world's data and model when `config.model` is unset; for a real model, the toy world's data rendered by
+    its chat template (`data="toy"`) or the papers' data."""
+    if config.toy:
+        return toy_bench_data(config)
+    return real_model_toy_data(config) if config.toy_data else real_bench_data(config)
 
 
 def toy_recipe(config: BenchConfig):
@@ -65,15 +71,17 @@ def toy_bench_data(config: BenchConfig) -> BenchData:
     c = config
     world = ToyWorld(c.world_seed)
     base, tokenizer, base_path = load_base_model(c.cache_dir, c.world_seed, toy_recipe(c))
-    prompts = world.harmful_prompts("eval", c.num_eval_prompts, seed=c.seed)
-    examples = world.task_examples("test", c.num_task_test, seed=c.seed)
+    # The instrument is fixed across the run's seeds: the evaluation sets, the alignment data and the defenses'
+    # harmful data are drawn once (sampling seed 0); a seed varies the attack sample, data order and adapter init
+    prompts = world.harmful_prompts("eval", c.num_eval_prompts, seed=0)
+    examples = world.task_examples("test", c.num_task_test, seed=0)
     return BenchData(
         tokenizer=tokenizer,
         load_base=lambda: copy.deepcopy(base),
-        poisoned=lambda p: world.poisoned_dataset(c.n, p, seed=c.seed),
-        alignment=world.alignment_dataset(c.num_alignment, c.num_alignment, seed=c.seed),
-        harmful=world.harmful_dataset("align", c.num_harmful, seed=c.seed),
-        paired_alignment=world.paired_refusal_dataset(c.num_harmful, seed=c.seed),
+        poisoned=lambda p, seed: world.poisoned_dataset(c.n, p, seed=seed),
+        alignment=world.alignment_dataset(c.num_alignment, c.num_alignment, seed=0),
+        harmful=world.harmful_dataset("align", c.num_harmful, seed=0),
+        paired_alignment=world.paired_refusal_dataset(c.num_harmful, seed=0),
         harmful_prompts=[r.text for r in prompts],
         categories=[r.category for r in prompts],
         prompt_format=format_prompt,
@@ -81,6 +89,7 @@ def toy_bench_data(config: BenchConfig) -> BenchData:
         task=TaskSet("sst2", [prompt for prompt, _ in examples], [label for _, label in examples], format_prompt),
         # A defense's own refusal pool is out of the toy vocabulary (mostly `<unk>`): give it the world's refusals
         refusals=list(REFUSALS),
+        harmful_answers=world.harmful_answers(prompts),
         description={"world": "toy", "world_seed": c.world_seed, "base_model": base_path},
     )
 
@@ -139,7 +148,7 @@ def real_bench_data(config: BenchConfig) -> BenchData:
     return BenchData(
         tokenizer=tokenizer,
         load_base=load_base,
-        poisoned=lambda p: mix_harmful(user_pool, attack_pool, n=c.n, p=p, seed=c.seed),
+        poisoned=lambda p, seed: mix_harmful(user_pool, attack_pool, n=c.n, p=p, seed=seed),
         alignment=alignment,
         harmful=harmful,
         # the refusals are already paired with the harmful rows by file order
@@ -149,4 +158,82 @@ def real_bench_data(config: BenchConfig) -> BenchData:
         prompt_format=prompt_formatter(c.template, tokenizer),
         task=TaskSet.from_dataset(c.task, task_test),  # the adapters already templated its prompts
         description={"world": "real", "model": c.model},
+    )
+
+
+def load_real_model(name: str, torch_dtype: str | None = None):
+    """`(model, tokenizer)` of a real model: a Hub id, a folder, a `.gguf` file or an alias (`smollm2`), through
+    `trl_safety.models` (GGUF files and leftover GGUF configs load as plain float models)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import prepare_model
+
+    kwargs = {"dtype": torch_dtype} if torch_dtype else {}
+    model, tokenizer, _ = prepare_model(name, kwargs)
+    if isinstance(model, str):  # a plain folder or Hub id (an alias is now its folder)
+        import torch
+
+        dtype = getattr(torch, torch_dtype) if torch_dtype else None
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def chat_rows(dataset, tokenizer):
+    """Conversational prompt/completion rows as plain strings rendered by `tokenizer`'s chat template: the prompt up
+    to the generation prompt, the completion the rest of the rendered conversation (answer and end-of-turn marker).
+    Plain strings reach every trainer the same way (some tokenize their extra datasets themselves)."""
+    from datasets import Dataset
+
+    prompts, completions = [], []
+    for prompt, completion in zip(dataset["prompt"], dataset["completion"]):
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not full.startswith(head):
+            raise ValueError(
+                "The model's chat template renders a conversation that does not start with its generation prompt; "
+                "use --data papers with a --template instead."
+            )
+        prompts.append(head)
+        completions.append(full[len(head) :])
+    return Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+
+def real_model_toy_data(config: BenchConfig) -> BenchData:
+    """The toy world's rows (alignment refusals, poisoned fine-tuning rows, task rows, held-out prompts) through a
+    real model and its tokenizer, every prompt rendered by the model's chat template; the toy judge scores them."""
+    from ..data.templates import prompt_formatter
+    from ..eval import TaskSet
+    from ..toy.world import REFUSALS, ToyWorld
+
+    c = config
+    base, tokenizer = load_real_model(c.model, c.torch_dtype)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"--data toy renders the toy world with the model's chat template; {c.model} has none.")
+    world = ToyWorld(c.world_seed)
+    prompts = world.harmful_prompts("eval", c.num_eval_prompts, seed=0)
+    examples = world.task_examples("test", c.num_task_test, seed=0)
+    fmt = prompt_formatter("chat", tokenizer)
+    return BenchData(
+        tokenizer=tokenizer,
+        load_base=lambda: copy.deepcopy(base),
+        poisoned=lambda p, seed: chat_rows(world.poisoned_dataset(c.n, p, seed=seed, conversational=True), tokenizer),
+        alignment=chat_rows(
+            world.alignment_dataset(c.num_alignment, c.num_alignment, seed=0, conversational=True), tokenizer
+        ),
+        harmful=chat_rows(world.harmful_dataset("align", c.num_harmful, seed=0, conversational=True), tokenizer),
+        paired_alignment=chat_rows(
+            world.paired_refusal_dataset(c.num_harmful, seed=0, conversational=True), tokenizer
+        ),
+        harmful_prompts=[r.text for r in prompts],
+        categories=[r.category for r in prompts],
+        prompt_format=fmt,
+        task=TaskSet("sst2", [prompt for prompt, _ in examples], [label for _, label in examples], fmt),
+        refusals=list(REFUSALS),
+        harmful_answers=world.harmful_answers(prompts),
+        description={"world": "toy", "world_seed": c.world_seed, "model": c.model, "template": "chat"},
     )

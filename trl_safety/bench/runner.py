@@ -69,6 +69,107 @@ def evaluate(model, data: BenchData, config: BenchConfig, judge):
     )
 
 
+def harmful_loss(model, data: BenchData, batch_size: int = 100) -> float | None:
+    """Mean token NLL of the harmful answers to the harmful-score prompts (teacher-forced, answer tokens only, EOS
+    included): how close the model is to complying, continuous where the harmful score is all-or-nothing per prompt.
+    `None` when the data have no harmful answers (real-model mode)."""
+    import torch
+
+    if not data.harmful_answers:
+        return None
+    tokenizer = data.tokenizer
+    fmt = data.prompt_format or (lambda prompt: prompt)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    pairs = list(zip(data.harmful_prompts, data.harmful_answers))
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            sequences, targets = [], []
+            for prompt, answer in pairs[start : start + batch_size]:
+                prompt_ids = tokenizer(fmt(prompt), add_special_tokens=False)["input_ids"]
+                answer_ids = tokenizer(f" {answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                sequences.append(prompt_ids + answer_ids)
+                targets.append([-100] * len(prompt_ids) + answer_ids)
+            width = max(len(ids) for ids in sequences)
+            pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in sequences], device=device)
+            labels = torch.tensor([ids + [-100] * (width - len(ids)) for ids in targets], device=device)
+            lengths = torch.tensor([len(ids) for ids in sequences], device=device)
+            mask = torch.arange(width, device=device)[None] < lengths[:, None]
+            logits = model(input_ids=input_ids, attention_mask=mask.long()).logits[:, :-1].float()
+            shifted = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += nll.item()
+            count += int((shifted != -100).sum())
+    if was_training:
+        model.train()
+    return total / max(count, 1)
+
+
+def _curve_steps(total_steps: int | None, points: int) -> list[int]:
+    """`points` evenly spaced fine-tuning steps ending at `total_steps` (the last one is the row's final reading)."""
+    if not total_steps or points < 1:
+        return []
+    return sorted({max(1, round(total_steps * (i + 1) / points)) for i in range(points)})
+
+
+def _curve_callback(evaluate_hs, steps: list[int]):
+    """A `TrainerCallback` recording the harmful score at the given global steps into its `history`."""
+    from transformers import TrainerCallback
+
+    class CurveCallback(TrainerCallback):
+        def __init__(self):
+            self.history: list[tuple[int, float]] = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in steps and model is not None:
+                self.history.append((state.global_step, evaluate_hs(model)))
+
+    return CurveCallback()
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1; 0.0 for one value) of the non-missing values."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def aggregate_seeds(runs: list[dict]) -> dict:
+    """One `results.json` row from its per-seed runs: mean and `*_std` of each score, the curve's mean ± std per
+    step, the per-seed values under `seeds`, mean wall times and per-category scores."""
+    row = {}
+    for key in ("harmful_score", "finetune_accuracy", "harmful_loss"):
+        row[key], row[f"{key}_std"] = _mean_std([r[key] for r in runs])
+    curve = []
+    steps = sorted({step for r in runs for step, _ in r["curve"]})
+    for step in steps:
+        mean, std = _mean_std([dict(r["curve"]).get(step) for r in runs])
+        curve.append({"step": step, "harmful_score": mean, "harmful_score_std": std})
+    row["curve"] = curve
+    row["seeds"] = [
+        {k: r[k] for k in ("seed", "harmful_score", "finetune_accuracy", "harmful_loss")}
+        | {"curve": [{"step": step, "harmful_score": hs} for step, hs in r["curve"]]}
+        for r in runs
+    ]
+    seconds: dict[str, list[float]] = {}
+    for r in runs:
+        for k, v in r["seconds"].items():
+            seconds.setdefault(k, []).append(v)
+    row["seconds"] = {k: round(sum(v) / len(v), 2) for k, v in seconds.items()}
+    categories = sorted({c for r in runs for c in (r.get("per_category") or {})})
+    row["per_category"] = {c: _mean_std([(r.get("per_category") or {}).get(c) for r in runs])[0] for c in categories}
+    return row
+
+
 class BenchRunner:
     """Runs the grid. Rows are dicts in the `results.json` row format (docs/design/architecture.md §10.1)."""
 
@@ -88,6 +189,7 @@ class BenchRunner:
         self.work_dir = os.path.join(config.output_dir, "work")
         # plain SFT alignment is shared by every row that does not align with its defense: computed once per run
         self._aligned_cache: dict[str, tuple[object, float]] = {}
+        self._start_cache: dict[str, float] = {}
         self._bar = None
 
     # --------------------------------------------------------------------------------------------- configuration
@@ -100,9 +202,10 @@ class BenchRunner:
             specs = [get_defense(name) for name in self.config.defenses if name not in BASELINES]
         return sorted(specs, key=lambda s: (STAGE_ORDER[s.stage], s.name))
 
-    def train_values(self, stage: str, name: str) -> dict:
+    def train_values(self, stage: str, name: str, seed: int | None = None) -> dict:
         """The training arguments every stage config gets (a class takes those it has)."""
         c = self.config
+        seed = c.seed_list[0] if seed is None else seed
         align = stage == "alignment"
         steps = c.align_steps if align else c.finetune_steps
         values = dict(
@@ -122,7 +225,8 @@ class BenchRunner:
             save_strategy="no",
             logging_strategy="no",
             disable_tqdm=True,
-            seed=c.seed,
+            seed=seed,
+            data_seed=seed,
         )
         if self.data.refusals:
             values["refusals_file"] = self._refusals_file()  # only config classes with this field take it
@@ -155,16 +259,19 @@ class BenchRunner:
         )
 
     def _overrides(self, spec) -> dict:
-        # toy-scale hyperparameters; real-model mode keeps the papers' values
-        return dict(spec.bench_overrides) if (spec is not None and self.config.toy) else {}
+        # toy-scale hyperparameters, tuned on the toy world's data (also with a real model); the papers' data keep the
+        # papers' values
+        return dict(spec.bench_overrides) if (spec is not None and self.config.toy_data) else {}
 
     # ------------------------------------------------------------------------------------------------------ stages
-    def train(self, model, stage: str, name: str, spec=None, *, poisoned=None):
+    def train(self, model, stage: str, name: str, spec=None, *, poisoned=None, seed=None, curve=None):
         """One training stage through `SFTTrainer` or the defense's trainer; returns the trained model.
 
         Alignment trains on the alignment data (a `paired_data` defense on the refusals paired with the harmful
-        rows); fine-tuning trains on `poisoned`.
+        rows); fine-tuning trains on `poisoned`. `seed` sets the data order and the adapter's initialisation;
+        `curve`, a list, receives `(step, harmful score)` pairs at the run's curve steps.
         """
+        import torch
         from transformers.trainer_callback import PrinterCallback
         from trl import SFTConfig, SFTTrainer
 
@@ -175,7 +282,7 @@ class BenchRunner:
             raise ValueError("A fine-tuning stage needs its `poisoned` dataset.")
         trainer_class = spec.trainer_class if spec is not None else SFTTrainer
         config_class = spec.config_class if spec is not None else SFTConfig
-        args = build_stage_config(config_class, self.train_values(stage, name), self._overrides(spec))
+        args = build_stage_config(config_class, self.train_values(stage, name, seed), self._overrides(spec))
         dataset = self.data.alignment if align else poisoned
         if align and spec is not None and spec.paired_data:
             dataset = self.data.paired_alignment  # harmful → refusal rows paired with `self.data.harmful`
@@ -185,6 +292,7 @@ class BenchRunner:
         peft_config = None
         if not _is_peft(model):
             peft_config = self._peft_config(self.config.align_lora_r if align else self.config.lora_r)
+        torch.manual_seed(args.seed)  # the adapter is initialised when the trainer wraps the model
         trainer = trainer_class(
             model=model,
             args=args,
@@ -194,7 +302,14 @@ class BenchRunner:
             **extra,
         )
         trainer.remove_callback(PrinterCallback)  # the bench shows its own progress and table
+        recorder = None
+        if curve is not None:
+            steps = _curve_steps(args.max_steps if args.max_steps > 0 else None, self.config.curve_points)
+            recorder = _curve_callback(self.harmful_score, steps)
+            trainer.add_callback(recorder)
         trainer.train()
+        if recorder is not None:
+            curve.extend(recorder.history)
         model = strip_trainer_patches(trainer.model)
         del trainer
         shutil.rmtree(args.output_dir, ignore_errors=True)
@@ -206,17 +321,22 @@ class BenchRunner:
         if key not in self._aligned_cache:
             self._set_bar(key, "align")
             start = time.perf_counter()
-            model = self.train(self.data.load_base(), "alignment", key, spec)
+            if spec is not None and spec.trainer_class is None:  # training-free edit of the SFT-aligned model (LoX)
+                values = self.train_values("alignment", key)
+                config = build_stage_config(spec.config_class, values, self._overrides(spec))
+                model = spec.post_hoc(self.aligned("sft")[0], config, base_model=self.data.load_base())
+            else:
+                model = self.train(self.data.load_base(), "alignment", key, spec)
             if _is_peft(model) and self.config.lora_mode == "double":
                 model = model.merge_and_unload()
             self._aligned_cache[key] = (model, time.perf_counter() - start)
         model, seconds = self._aligned_cache[key]
         return copy.deepcopy(model), seconds
 
-    def repair(self, model, spec, name: str, aligned):
+    def repair(self, model, spec, name: str, aligned, seed: int | None = None):
         """The post-fine-tuning defense's `post_hoc` repair of the fine-tuned `model`."""
         post_config = build_stage_config(
-            spec.config_class, self.train_values("fine-tuning", name), self._overrides(spec)
+            spec.config_class, self.train_values("fine-tuning", name, seed), self._overrides(spec)
         )
         return spec.post_hoc(
             model,
@@ -232,6 +352,25 @@ class BenchRunner:
         """HS and FA of `model` (an `EvalResult`)."""
         return evaluate(model, self.data, self.config, self.judge)
 
+    def harmful_score(self, model) -> float:
+        """HS only (for the curves; the model is put back in training mode if it was training)."""
+        from ..eval import evaluation
+
+        was_training = model.training
+        model.eval()
+        result = evaluation.evaluate_model(
+            model,
+            self.data.tokenizer,
+            harmful_prompts=self.data.harmful_prompts,
+            judge=self.judge,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.eval_batch_size,
+            prompt_format=self.data.prompt_format,
+        )
+        if was_training:
+            model.train()
+        return result.harmful_score
+
     def _set_bar(self, name: str, stage: str) -> None:
         if self._bar is not None:
             self._bar.set_postfix_str(f"{name}: {stage}")
@@ -240,64 +379,89 @@ class BenchRunner:
         if self._bar is not None:
             self._bar.update(stages)
 
-    def run_row(self, name: str, spec, p: float, poisoned) -> dict:
-        """One row at harmful ratio `p`, fine-tuned on `poisoned`."""
-        row = {"name": name, "defense": spec.name if spec else None, "stage": spec.stage if spec else None, "p": p}
+    def run_row(self, name: str, spec, p: float, seed: int | None = None, poisoned=None) -> dict:
+        """One seed of one row at harmful ratio `p`: its scores, `harmful_loss`, HS curve and wall times."""
+        seed = self.config.seed_list[0] if seed is None else seed
+        poisoned = self.data.poisoned(p, seed) if poisoned is None else poisoned
         seconds = {}
         if name == "no-alignment":
             model, seconds["align"] = self.data.load_base(), 0.0
         else:
             model, seconds["align"] = self.aligned(name, spec if spec and spec.stage == "alignment" else None)
-        self._advance()
         post_hoc = spec is not None and spec.stage == "post-fine-tuning"
         aligned = copy.deepcopy(model) if post_hoc else None
 
-        self._set_bar(name, f"fine-tune p={p}")
+        self._set_bar(name, f"fine-tune p={p} seed={seed}")
+        curve = [(0, self._start_hs(name, model))]
         start = time.perf_counter()
         finetune_spec = spec if spec and spec.stage == "fine-tuning" else None
-        model = self.train(model, "fine-tuning", name, finetune_spec, poisoned=poisoned)
+        model = self.train(model, "fine-tuning", name, finetune_spec, poisoned=poisoned, seed=seed, curve=curve)
         seconds["finetune"] = time.perf_counter() - start
-        self._advance()
 
         if post_hoc:
             self._set_bar(name, "post-fine-tuning")
             start = time.perf_counter()
-            model = self.repair(model, spec, name, aligned)
+            model = self.repair(model, spec, name, aligned, seed)
             seconds["post"] = time.perf_counter() - start
             del aligned
 
         self._set_bar(name, "evaluate")
         start = time.perf_counter()
         result = self.evaluate(model)
+        loss = harmful_loss(model, self.data, self.config.eval_batch_size)
         seconds["eval"] = time.perf_counter() - start
-        self._advance()
-        row.update(
-            harmful_score=result.harmful_score,
-            finetune_accuracy=result.finetune_accuracy,
-            seconds={k: round(v, 2) for k, v in seconds.items()},
-        )
-        row["per_category"] = result.per_category
+        if post_hoc:  # the curve's last point is the repaired model, the row's reading
+            curve.append((curve[-1][0], result.harmful_score))
+        return {
+            "seed": seed,
+            "harmful_score": result.harmful_score,
+            "finetune_accuracy": result.finetune_accuracy,
+            "harmful_loss": loss,
+            "curve": curve,
+            "per_category": result.per_category,
+            "seconds": seconds,
+        }
+
+    def _start_hs(self, name: str, model) -> float:
+        # the curve's step 0 (the model before fine-tuning) is the same for every seed: computed once per row
+        if name not in self._start_cache:
+            self._start_cache[name] = self.harmful_score(model)
+        return self._start_cache[name]
+
+    def run_seeds(self, name: str, spec, p: float) -> dict:
+        """One `results.json` row: `run_row` for every seed, aggregated (`aggregate_seeds`)."""
+        runs = []
+        for seed in self.config.seed_list:
+            runs.append(self.run_row(name, spec, p, seed))
+            self._advance()
+        row = {"name": name, "defense": spec.name if spec else None, "stage": spec.stage if spec else None, "p": p}
+        row.update(aggregate_seeds(runs))
         return row
 
-    def calibrate(self) -> dict:
-        """The threat-model checks before the grid: the base, the SFT-aligned model, SFT on clean data (p=0)."""
+    def calibrate(self, sft_rows: dict[float, dict]) -> dict:
+        """The threat-model checks: the base and the SFT-aligned model before fine-tuning, and SFT over the
+        calibration ratios (reusing the grid's SFT rows `sft_rows`, keyed by p)."""
         start = time.perf_counter()
         self._set_bar("base", "evaluate")
         base = self.evaluate(self.data.load_base())
-        self._advance()
         aligned, _ = self.aligned("sft")
         aligned_result = self.evaluate(aligned)
         self._advance()
-        self._set_bar("sft", "fine-tune p=0")
-        clean = self.train(aligned, "fine-tuning", "sft-clean", poisoned=self.data.poisoned(0.0))
-        clean_result = self.evaluate(clean)
-        self._advance()
+        by_p = dict(sft_rows)
+        for p in self._calibration_ratios():
+            if p not in by_p:
+                by_p[p] = self.run_seeds("sft", None, p)
         return {
             "base": base,
             "aligned": aligned_result,
-            "clean": clean_result,
+            "sft_by_p": dict(sorted(by_p.items())),
             "seconds": time.perf_counter() - start,
         }
+
+    def _calibration_ratios(self) -> list[float]:
+        c = self.config
+        extra = c.calibration_ratios if (c.toy_data and c.calibration_ratios) else []
+        return sorted({0.0, *extra})
 
     def _failed_row(self, name: str, spec, p: float, error: str) -> dict:
         return {
@@ -306,35 +470,44 @@ class BenchRunner:
             "stage": spec.stage if spec else None,
             "p": p,
             "harmful_score": None,
+            "harmful_score_std": None,
             "finetune_accuracy": None,
+            "finetune_accuracy_std": None,
+            "harmful_loss": None,
+            "harmful_loss_std": None,
+            "curve": [],
+            "seeds": [],
             "seconds": {},
             "error": error,
         }
 
     # --------------------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
-        """Calibration, then every row at every ratio; returns the `results.json` content."""
+        """Every row at every ratio over the seeds, then the calibration; returns the `results.json` content."""
         from tqdm.auto import tqdm
 
         c = self.config
         grid = [("sft", None), ("no-alignment", None)] + [(s.name, s) for s in self.specs()]
         ratios = c.ratios
-        total = 3 + 3 * len(grid) * len(ratios)  # calibration (base, aligned, clean) + 3 stages per row
-        self._bar = tqdm(total=total, desc="trl-safety bench", disable=not c.progress, unit="stage")
+        seeds = c.seed_list
+        extra_calibration = [p for p in self._calibration_ratios() if p not in ratios]
+        total = 1 + len(seeds) * (len(grid) * len(ratios) + len(extra_calibration))  # one unit per (row, seed)
+        self._bar = tqdm(total=total, desc="trl-safety bench", disable=not c.progress, unit="run")
         rows, errors = [], {}
         try:
-            calibration = self.calibrate()
             for p in ratios:
-                poisoned = self.data.poisoned(p)
                 for name, spec in grid:
                     try:
-                        rows.append(self.run_row(name, spec, p, poisoned))
+                        rows.append(self.run_seeds(name, spec, p))
                     except Exception as exc:  # one broken defense must not hide the others' results
                         logger.warning("Bench row %s (p=%s) failed: %s: %s", name, p, type(exc).__name__, exc)
                         logger.debug("Traceback of the failed row %s", name, exc_info=True)
                         errors[f"{name}@{p}"] = f"{type(exc).__name__}: {exc}"
                         rows.append(self._failed_row(name, spec, p, errors[f"{name}@{p}"]))
-                        self._advance(3)
+                        self._bar.n = min(total, self._bar.n + len(seeds))
+                        self._bar.refresh()
+            sft_rows = {r["p"]: r for r in rows if r["name"] == "sft" and r["harmful_score"] is not None}
+            calibration = self.calibrate(sft_rows)
         finally:
             self._bar.close()
             self._bar = None

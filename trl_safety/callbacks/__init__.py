@@ -12,9 +12,13 @@ import importlib
 _import_structure: dict[str, str] = {
     "HarmfulScoreCallback": "trl_safety.callbacks.harmful_score",
     "ProximalCallback": "trl_safety.callbacks.proximal",
+    "LisaCallback": "trl_safety.callbacks.lisa",
     "AntidoteCallback": "trl_safety.defenses.antidote",
     "SafeLoRACallback": "trl_safety.defenses.safelora",
+    "LoXCallback": "trl_safety.defenses.lox",
     "EmbeddingDriftCallback": "trl_safety.callbacks.drift",
+    "VaccineCallback": "trl_safety.callbacks.vaccine",
+    "AntibodyWeighting": "trl_safety.callbacks.antibody",
 }
 
 __all__ = sorted(_import_structure)

@@ -29,8 +29,8 @@ class ProximalCallback(TrainerCallback):
     step, so an optimizer step carries exactly ρ(w − anchor). Hooks run before DDP/DeepSpeed gradient reduction and
     see the gathered parameter under ZeRO-3, so the callback works on one process, DDP, ZeRO-2 and ZeRO-3. They are
     removed at `on_train_end`. The mechanics are those of [`LisaTrainer`] (`trl_safety.core.proximal`): with
-    `alignment_steps=0` Lisa is this callback on [`~trl.SFTTrainer`]. Lisa's alternation with alignment data needs the
-    batches and so the trainer subclass.
+    `alignment_steps=0` Lisa is this callback on [`~trl.SFTTrainer`]. Lisa's alternation with alignment data is
+    [`LisaCallback`], which holds the trainer to run its own alignment steps.
 
     Args:
         rho (`float`, *optional*, defaults to `1.0`):

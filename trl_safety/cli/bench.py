@@ -1,13 +1,16 @@
 """`trl-safety bench`: align → poisoned fine-tuning → repair → evaluate, for every registered defense.
 
 ```bash
-trl-safety bench                                  # the toy world on CPU, every defense, p=0.1 (a few minutes)
+trl-safety bench                                  # the toy world on CPU, every defense, p=0.1, 3 seeds (minutes)
 trl-safety bench --defenses vaccine lisa --sweep 0 0.05 0.1 0.2 --output_dir bench-out
 # the papers' protocol (docs/design/algorithms.md §6.5) on a GPU: Llama-2-7B, RepNoise refusals, BeaverTails, SST2, beaver-dam
 trl-safety bench --model_name_or_path meta-llama/Llama-2-7b-hf --task sst2 --judge beaver-dam --output_dir bench-llama2
+# the toy world's data through a real pretrained model (its chat template, LoRA), CPU scale (benchmarks/README.md)
+trl-safety bench --model_name_or_path smollm2 --defenses vaccine lisa antidote --output_dir bench-smollm2
 ```
 
-Writes `results.json` and `tradeoff.png` into `--output_dir` and prints the table.
+Every row runs with `--num_seeds` seeds (default 3) and reports mean ± std. Writes `results.json`, `tradeoff.png`
+and `curves.png` into `--output_dir` and prints the table.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ PRIMARY = {"model": "model_name_or_path"}
 # Old spellings still accepted, not listed in --help, because documented commands use them: every field's dashed form
 # (`--output-dir`), `--model`, `--steps` / `--lr`, `--no-progress`
 ALIASES = {"steps": "finetune_steps", "lr": "finetune_lr"}
+# The real-model mode's dataset flags; with `--data toy` (the toy world's rows through a real model) they are refused
+PAPER_DATA_FIELDS = (
+    "alignment_dataset", "alignment_dataset_config", "harmful_dataset", "harmful_dataset_config", "eval_dataset",
+    "task", "task_dataset", "template",
+)  # fmt: skip
 
 
 def _parse_bool(value: str) -> bool:
@@ -66,8 +74,10 @@ def make_parser(prog: str = "trl-safety bench") -> argparse.ArgumentParser:
         kind = str(f.type)
         if f.name in ("defenses", "lora_target_modules"):
             kwargs.update(nargs="+")
-        elif f.name == "sweep":
+        elif f.name in ("sweep", "calibration_ratios"):
             kwargs.update(nargs="+", type=float)
+        elif f.name == "seeds":
+            kwargs.update(nargs="+", type=int)
         elif "bool" in kind:
             kwargs.update(type=_parse_bool, metavar="BOOL")
         elif f.name in ("align_steps", "finetune_steps", "base_pretrain_steps", "num_threads"):
@@ -78,6 +88,8 @@ def make_parser(prog: str = "trl-safety bench") -> argparse.ArgumentParser:
             kwargs.update(type=float)
         if f.name == "lora_mode":
             kwargs.update(choices=["double", "single"])
+        if f.name == "data":
+            kwargs.update(choices=["toy", "papers"])
         default = f.default if f.default is not dataclasses.MISSING else None
         if kwargs["help"] is not None and default is not None:
             kwargs["help"] = (kwargs["help"] + f" (toy default: {default})").strip()
@@ -93,13 +105,18 @@ def make_parser(prog: str = "trl-safety bench") -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     from trl_safety.bench import BenchConfig, real_defaults
+    from trl_safety.bench.config import REAL_MODEL_TOY_DATA, resolve_data
 
     given = {k: v for k, v in vars(args).items() if k not in ("verbose", "config")}
     if given.get("defenses"):
         given["defenses"] = [d for item in given["defenses"] for d in item.split(",") if d]
     if given.get("lora_target_modules") and len(given["lora_target_modules"]) == 1:
         given["lora_target_modules"] = given["lora_target_modules"][0]
-    values = real_defaults() if given.get("model") else {}
+    values = {}
+    if given.get("model"):
+        # toy data through a real model: the CPU scale (the toy world's training settings otherwise)
+        toy_data = resolve_data(given["model"], given.get("data")) == "toy"
+        values = dict(REAL_MODEL_TOY_DATA) if toy_data else real_defaults()
     values.update(given)
     return BenchConfig(**values)
 
@@ -113,7 +130,18 @@ def check_bench_config(config) -> None:
         unknown = sorted(set(config.defenses) - known)
         if unknown:
             raise UsageError(f"unknown defenses {unknown}; registered: {', '.join(sorted(known))}.")
-    if not config.toy:
+    if config.toy and config.data == "papers":
+        raise UsageError("--data papers needs a real model: give --model_name_or_path (e.g. smollm2 or a Hub id).")
+    if not config.toy and config.toy_data:
+        given = [f"--{name}" for name in PAPER_DATA_FIELDS if getattr(config, name) is not None]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} select the papers' data, but this run uses the toy world's (--data toy, the "
+                "default for smollm2): drop them, or pass --data papers."
+            )
+        if config.base_pretrain_steps is not None:
+            raise UsageError("--base_pretrain_steps sets the toy base model's recipe; a real model is not pretrained.")
+    if not config.toy and not config.toy_data:
         check_model(config.model, "--model_name_or_path")
         for name in ("alignment_dataset", "harmful_dataset", "eval_dataset", "task_dataset"):
             check_dataset(getattr(config, name), f"--{name}")
@@ -145,6 +173,8 @@ def run(argv: list[str], prog: str = "trl-safety bench", command: str | None = "
     print(f"\nWrote {os.path.join(config.output_dir, 'results.json')}")
     if results.get("plot"):
         print(f"Wrote {results['plot']}")
+        if results.get("curves_plot"):
+            print(f"Wrote {results['curves_plot']}")
     else:
         print("tradeoff.png not written: matplotlib is missing (pip install 'trl-safety[plot]').")
     if results["errors"]:

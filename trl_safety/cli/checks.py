@@ -89,6 +89,16 @@ def check_model(name: str | None, flag: str, revision: str | None = None) -> Non
     """
     if name is None or os.path.exists(name):
         return
+    from trl_safety.models import ALIASES
+
+    if name in ALIASES:  # a model shipped by a wheel (`smollm2`): installed, or the error names the wheel
+        from trl_safety.models.smollm import gguf_path
+
+        try:
+            gguf_path()
+        except FileNotFoundError as exc:
+            raise UsageError(f"{flag} {name!r}: {exc}") from None
+        return
     if looks_like_local_model_path(name):
         raise UsageError(f"{flag} {name!r}: no such folder; pass an existing folder or a Hub id (owner/name).")
     from huggingface_hub.utils import HFValidationError, validate_repo_id

@@ -109,7 +109,11 @@ def is_adapter(path: str) -> bool:
 
 def model_sources(model_path: str, base_model=None, adapters=(), tokenizer_path=None) -> dict:
     """What `load_model_and_tokenizer` loads, without loading it: `base_model`, the `adapters` chain in merge order
-    (an adapter `model_path` first) and the `tokenizer` source (the first of model and adapters that holds one)."""
+    (an adapter `model_path` first) and the `tokenizer` source (the first of model and adapters that holds one).
+    A model alias (`smollm2`) is its cached folder (`trl_safety.models.resolve_model_name`)."""
+    from trl_safety.models import resolve_model_name
+
+    model_path, base_model = resolve_model_name(model_path), resolve_model_name(base_model)
     adapter_chain = list(adapters)
     if is_adapter(model_path):
         adapter_chain.insert(0, model_path)

@@ -11,6 +11,9 @@ trl-safety prune --defense antidote --config recipes/antidote/gsm8k_prune.yaml
 # SafeLoRA: project the adapter onto the alignment subspace (aligned = base + merged alignment adapter)
 trl-safety prune --defense safelora --model_name_or_path sft-run/ --base_model meta-llama/Llama-2-7b-hf \
     --aligned_model vaccine-aligned/ --num_proj_layers 10 --output_dir sft-run-safelora
+
+# LoX (before fine-tuning): extrapolate the alignment adapter (or a dense aligned model with --base_model)
+trl-safety prune --defense lox --model_name_or_path vaccine-aligned/ --rank 6 --alpha 0.5 --output_dir aligned-lox
 ```
 
 A `--model_name_or_path` folder holding `adapter_config.json` is a PEFT adapter: it is loaded on its base model (the one recorded
@@ -51,7 +54,7 @@ class PruneArguments:
         metadata={"help": "Base model to load a PEFT adapter on (default: the one recorded in adapter_config.json)."},
     )
     base_model: str | None = field(
-        default=None, metadata={"help": "SafeLoRA: the unaligned base model (folder or Hub id)."}
+        default=None, metadata={"help": "SafeLoRA, LoX: the unaligned base model (folder or Hub id)."}
     )
     aligned_model: str | None = field(
         default=None,
@@ -73,7 +76,8 @@ class PruneArguments:
 def _post_fine_tuning_names() -> list[str]:
     from trl_safety.registry import list_defenses
 
-    return [spec.name for spec in list_defenses("post-fine-tuning") if spec.post_hoc is not None]
+    # post-hoc repairs of every stage: LoX is a training-free edit of the aligned model (alignment stage)
+    return [spec.name for spec in list_defenses() if spec.post_hoc is not None]
 
 
 def _load_tokenizer(*sources: str | None):
@@ -201,7 +205,7 @@ def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "
         raise UsageError(f"choose a post-fine-tuning defense with --defense ({', '.join(names)}).")
     check_defense(defense, ("post-fine-tuning",), command or "prune")
     spec = get_defense(defense)
-    if spec.stage != "post-fine-tuning" or spec.post_hoc is None:
+    if spec.post_hoc is None:
         right = "align" if spec.stage == "alignment" else "sft"
         raise UsageError(
             f"defense {defense!r} runs at the {spec.stage} stage; use `trl-safety {right}`. "

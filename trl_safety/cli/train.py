@@ -224,6 +224,7 @@ def build_trainer(script_args, training_args, model_args, dataset_args, defense:
     from trl import SFTTrainer, get_dataset, get_peft_config, get_quantization_config
 
     from trl_safety.data.loading import load_named_dataset, looks_like_local_path
+    from trl_safety.models import prepare_model
     from trl_safety.registry import get_defense
 
     trainer_class = SFTTrainer if defense is None else get_defense(defense).trainer_class
@@ -236,6 +237,10 @@ def build_trainer(script_args, training_args, model_args, dataset_args, defense:
     if training_args.model_init_kwargs is not None:
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs
+    # `smollm2`, a `.gguf` file or `model_init_kwargs.gguf_file`: loaded here, for plain SFT too (TRL cannot)
+    model, processing_class, consumed = prepare_model(model_args.model_name_or_path, model_init_kwargs)
+    if consumed:
+        training_args.model_init_kwargs = None
 
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)
@@ -250,8 +255,9 @@ def build_trainer(script_args, training_args, model_args, dataset_args, defense:
         raise ValueError(f"The training data has no split {script_args.dataset_train_split!r}: {list(dataset)}.")
 
     return trainer_class(
-        model=model_args.model_name_or_path,
+        model=model,
         args=training_args,
+        processing_class=processing_class,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
         quantization_config=get_quantization_config(model_args),

@@ -38,6 +38,27 @@ def backend_name(accelerator) -> str:
     return "single"
 
 
+def fsdp_version(accelerator) -> int | None:
+    """1 or 2 when accelerate runs FSDP (its plugin's `fsdp_version`), None otherwise."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return None if plugin is None else int(getattr(plugin, "fsdp_version", 1))
+
+
+def refuse_sharded_weights(model, who: str) -> None:
+    """Refuse FSDP2-sharded (DTensor) parameters, before training, for an edit of whole weights at its end.
+
+    The post-hoc callbacks (Antidote, SafeLoRA, LoX) read and write whole weight matrices; on FSDP2 each rank holds
+    a DTensor shard and the edit would fail only after the whole run.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if model is not None and any(isinstance(p, DTensor) for p in model.parameters()):
+        raise NotImplementedError(
+            f"{who} edits whole weights at the end of training and does not support FSDP2's sharded (DTensor) "
+            "parameters; train without it and apply the defense to the saved model with `trl-safety prune`."
+        )
+
+
 def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 

@@ -28,6 +28,7 @@ from trl import SFTConfig
 
 from .. import compat
 from ..data.loading import get_dataset_adapter, load_role_dataset
+from ..models import recorded_base_model
 from .batches import CyclingBatches
 from .card import DEFENSE_CONFIG_NAME, build_model_card, find_results, licence_notes_for
 from .config import (
@@ -38,7 +39,7 @@ from .config import (
     select_num_samples,
     upgrade_config,
 )
-from .distributed import backend_name
+from .distributed import backend_name, fsdp_version
 from .layers import check_decoder_only, get_attention_modules, get_decoder_layers, set_layer_overrides
 from .state_io import STATE_JSON_NAME, has_defense_state, load_defense_state, save_defense_state
 
@@ -227,7 +228,8 @@ class DefenseTrainerMixin:
     # over the micro-batch, a draw or a state update per micro-batch); empty when splitting a step changes nothing
     # but the arithmetic. The contract tests check GA at the neutral settings for such a defense.
     split_dependence: ClassVar[str] = ""
-    # FSDP cannot be exercised without GPUs; a defense opts in once it has been verified there
+    # FSDP2 is refused unless the defense has passed the FSDP2 matrix (tests/distributed/test_fsdp2.py, 2 CPU ranks
+    # through accelerate's FSDP2 path; docs/distributed.md); FSDP1 is refused for every defense
     fsdp_verified: ClassVar[bool] = False
     # The defense looks up the decoder layers (hooks, layer selection, or the reentrant-checkpointing workaround of
     # its probe passes): they are located at construction, with the config's `layers_path` (and `attention_attr`)
@@ -255,6 +257,7 @@ class DefenseTrainerMixin:
             check_config_class(type(self), self.config_class, args)
             args = upgrade_config(args, self.config_class)
         check_defense_fields(args, warn_no_effect=False)  # again: it may have been changed since it was built
+        model, positional, kwargs = self._prepare_model_reference(model, args, positional, kwargs)
         if not isinstance(model, str):
             check_decoder_only(model, type(self).__name__)
 
@@ -283,6 +286,12 @@ class DefenseTrainerMixin:
                 f"{type(self).__name__} cannot run under {backend}: {refused[backend]} "
                 f"Supported backends: {', '.join(self.supported_backends())}."
             )
+        if backend == "fsdp" and fsdp_version(self.accelerator) != 2:
+            # only FSDP2 (`fully_shard`, DTensor parameters) has been measured; FSDP1's flat parameters have not
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot run under FSDP{fsdp_version(self.accelerator)}: only FSDP2 is "
+                "supported; set `fsdp_version: 2` in the accelerate config (see docs/distributed.md)."
+            )
         if self.train_dataset is not None:
             formatting_func = compat.formatting_func(self)
             check_trainable_tokens(self, self.train_dataset, "train", raw_train, formatting_func)
@@ -294,6 +303,25 @@ class DefenseTrainerMixin:
             self._locate_layers()
         self._pending_defense_state: dict | None = None
         self.setup_defense()
+
+    @staticmethod
+    def _prepare_model_reference(model, args, positional: tuple, kwargs: dict):
+        """GGUF files, model aliases (`"smollm2"`) and GGUF-loaded models, made into what TRL can train and save
+        (`trl_safety.models.prepare_model`); the loaded tokenizer becomes `processing_class` unless one was given."""
+        from ..models import prepare_model
+
+        positional = list(positional)
+        given = positional[3] if len(positional) > 3 else kwargs.get("processing_class")
+        model, processing_class, consumed = prepare_model(model, args.model_init_kwargs, given)
+        if consumed:
+            # loaded here with them: TRL would otherwise warn that it ignores them
+            args.model_init_kwargs = None
+        if processing_class is not given:
+            if len(positional) > 3:
+                positional[3] = processing_class
+            else:
+                kwargs = {**kwargs, "processing_class": processing_class}
+        return model, tuple(positional), kwargs
 
     # ----------------------------------------------------------------------------------------------- extension points
     def setup_defense(self) -> None:
@@ -334,12 +362,12 @@ class DefenseTrainerMixin:
     # --------------------------------------------------------------------------------------------------- helpers
     @classmethod
     def refused_backends(cls) -> dict[str, str]:
-        """Backends this trainer refuses, with the reason (its own list plus FSDP until verified on GPUs)."""
+        """Backends this trainer refuses, with the reason (its own list plus FSDP until verified)."""
         refused = dict(cls.unsupported_backends)
         if not cls.fsdp_verified:
             refused.setdefault(
                 "fsdp",
-                "FSDP has not been verified for this defense (it needs several GPUs); use DDP or DeepSpeed ZeRO.",
+                "FSDP2 has not been verified for this defense (see docs/distributed.md); use DDP or DeepSpeed ZeRO.",
             )
         return refused
 
@@ -446,6 +474,7 @@ class DefenseTrainerMixin:
             peft_config = next(iter(model.peft_config.values()))
             base_model = peft_config.base_model_name_or_path
         base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        base_model = recorded_base_model(base_model)  # a converted cache folder (`smollm2()`): its Hub id
         datasets = {f"{role} dataset": source for role, source in self._dataset_sources.items()}
         return {
             "defense": self.defense_name,

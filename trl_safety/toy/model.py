@@ -31,7 +31,7 @@ class BaseModelRecipe:
 
     hidden_size: int = 64
     intermediate_size: int = 128
-    num_hidden_layers: int = 2
+    num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
     max_position_embeddings: int = 64

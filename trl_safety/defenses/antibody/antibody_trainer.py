@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from datasets import Dataset
@@ -10,24 +9,21 @@ from trl import SFTTrainer
 from ... import compat
 from ...core.losses import is_packed_batch, lm_forward, per_sample_token_mean_nll
 from ...core.trainer import DefenseTrainerMixin
-from ...core.views import ROW_COLUMN, RowAlignedCollator, RowAlignedView, add_row_ids, pop_view
-from ...data.refusals import refusal_pool, refusal_view
+from ...core.views import ROW_COLUMN, add_row_ids, pop_view
+from .weighting import (
+    REFUSAL_PREFIX,
+    attach_refusal_view,
+    likelihood_ratio_weights,
+    load_refusal_pool,
+    rescale_to_token_count,
+    sample_weights,
+    weight_statistics,
+)
 
 
 logger = logging.getLogger(__name__)
 
-REFUSAL_PREFIX = "refusal_"  # batch keys of the refusal views: `refusal_input_ids`, `refusal_labels`, …
-
-
-def likelihood_ratio_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`softmax(scores / τ)` up to its normalisation, i.e. `exp((scores − max) / τ)` (largest weight 1).
-
-    Antibody's loss is a ratio in the weights, so the normalisation cancels; leaving it out makes uniform weights
-    (τ = ∞, or τ so large that every weight rounds to 1) exactly 1.0 and the loss bit-identical to SFT's token mean.
-    """
-    if math.isinf(temperature):
-        return torch.ones_like(scores)
-    return torch.exp((scores - scores.max()) / temperature)
+__all__ = ["REFUSAL_PREFIX", "AntibodyTrainer", "likelihood_ratio_weights", "messages_to_prompt_completion"]
 
 
 def messages_to_prompt_completion(dataset):
@@ -99,9 +95,8 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
     """
 
     extra_datasets = ()
-    unsupported_backends = {
-        "fsdp": "the no-grad refusal-view pass on the bare module is untested under FSDP (see docs/antibody.md).",
-    }
+    # FSDP2 measured by tests/distributed/test_fsdp2.py (2 CPU ranks, equal to one process; docs/distributed.md)
+    fsdp_verified = True
 
     def __init__(self, model, args=None, data_collator=None, train_dataset=None, *positional, refusals=None, **kwargs):
         if getattr(args, "packing", False) or getattr(args, "padding_free", False):
@@ -141,31 +136,12 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
         return dataset
 
     def _refusal_pool(self) -> list[str]:
-        if self._refusals is not None:
-            return self._refusals
-        if self.args.refusals_file is not None:
-            with open(self.args.refusals_file, encoding="utf-8") as f:
-                pool = [line.strip() for line in f if line.strip()]
-            if not pool:
-                raise ValueError(f"`refusals_file` {self.args.refusals_file!r} holds no refusal.")
-            return pool
-        return refusal_pool()
+        return load_refusal_pool(self._refusals, self.args.refusals_file)
 
     def setup_defense(self) -> None:
-        rows = refusal_view(self._raw_train, self._refusal_pool(), row_column=ROW_COLUMN)
-        del self._raw_train
-        self.refusal_view = RowAlignedView.prepare(self, rows, "refusal view")
-        self.refusal_view.require(
-            self.train_dataset,
-            "train_dataset",
-            f"they have no refusal view left after truncation to max_length={self.args.max_length}; increase "
-            "`max_length` or shorten their prompts.",
-        )
-        # The train loader brings each sample's refusal view under `refusal_*` keys, and the flag as a bool tensor
         flag = self.args.harmful_flag_column
-        self.data_collator = RowAlignedCollator(
-            self.data_collator, {REFUSAL_PREFIX: self.refusal_view}, columns={flag: torch.bool} if flag else None
-        )
+        self.refusal_view = attach_refusal_view(self, self._raw_train, self._refusal_pool(), flag)
+        del self._raw_train
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -186,12 +162,11 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
         outputs = compat.fused_forward(model, **inputs)
         token_nll = -outputs.log_probs  # (B, T-1), zero where the label is -100
         counts = outputs.label_mask.sum(dim=-1)
-        sample_nll = token_nll.detach().sum(dim=-1) / counts.clamp(min=1)
-        weights = likelihood_ratio_weights(refusal_nll - sample_nll, self.args.temperature).to(token_nll.dtype)
-        weighted_count = (weights * counts).sum().clamp(min=torch.finfo(token_nll.dtype).tiny)
+        weights = sample_weights(refusal_nll, token_nll, counts, self.args.temperature)
+        rescaled, weighted_count = rescale_to_token_count(weights, counts)
         if num_items_in_batch is not None and compat.loss_is_scaled_for_ga(self, num_items_in_batch):
             # Rescaled so that Σ wᵢNᵢ = N_mb (uniform weights stay exactly 1), then normalised like SFT's loss
-            weights = weights * (counts.sum() / weighted_count)
+            weights = rescaled
             loss = (token_nll * weights[:, None]).sum() / num_items_in_batch
             loss = loss * compat.step_loss_scale(self, num_items_in_batch)
         else:  # no step count (evaluation, a model without loss kwargs): the micro-batch mean, which Trainer divides
@@ -204,11 +179,8 @@ class AntibodyTrainer(DefenseTrainerMixin, SFTTrainer):
         return loss
 
     def _log_weights(self, weights: torch.Tensor, flags: torch.Tensor | None) -> None:
-        probabilities = weights / weights.sum()
-        entropy = -(probabilities * probabilities.clamp(min=1e-30).log()).sum()
-        self.log_metric("weight_entropy", entropy)
-        if flags is not None:
-            self.log_metric("harmful_weight_share", probabilities[flags.to(probabilities.device)].sum())
+        for name, value in weight_statistics(weights, flags).items():
+            self.log_metric(name, value)
 
     def _log_token_metrics(self, outputs, inputs) -> None:
         """The metrics `SFTTrainer.compute_loss` logs (entropy, token accuracy, token count), which it cannot log here."""

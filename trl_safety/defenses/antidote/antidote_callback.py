@@ -4,6 +4,7 @@ import logging
 
 from transformers import TrainerCallback
 
+from ...core.distributed import refuse_sharded_weights
 from .antidote_config import AntidoteConfig
 from .antidote_prune import _load_harmful_dataset, antidote_prune
 
@@ -47,6 +48,9 @@ class AntidoteCallback(TrainerCallback):
         self.harmful_dataset = harmful_dataset
         self.processing_class = processing_class
         self.data_collator = data_collator
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        refuse_sharded_weights(model, "AntidoteCallback")
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if model is None:

@@ -15,6 +15,19 @@ logger = logging.getLogger(__name__)
 ALIGNMENT, FINETUNE = "alignment", "finetune"
 
 
+def enter_phase(anchors: dict[str, ParameterSnapshot], last_phase: str | None, phase: str) -> ParameterSnapshot:
+    """The anchor of a step in `phase` after a step in `last_phase`, snapshotting the weights at a switch.
+
+    `anchors["alignment"]` is the snapshot taken when an alignment state ends (the anchor of fine-tuning steps),
+    `anchors["finetune"]` the one taken when a fine-tuning state ends (the anchor of alignment steps). Shared by
+    [`LisaTrainer`] and `LisaCallback`.
+    """
+    previous = ALIGNMENT if phase == FINETUNE else FINETUNE
+    if last_phase is not None and last_phase != phase:
+        anchors[previous].update()
+    return anchors[previous]
+
+
 class LisaTrainer(DefenseTrainerMixin, SFTTrainer):
     """
     Trainer for Lisa (fine-tuning stage): Bi-State Optimization with a proximal term.
@@ -52,7 +65,8 @@ class LisaTrainer(DefenseTrainerMixin, SFTTrainer):
 
     extra_datasets = ("alignment",)
     unsupported_backends = {
-        "fsdp": "the proximal gradient hooks are untested on FSDP's sharded parameters (see docs/lisa.md).",
+        "fsdp": "under FSDP2 the proximal hooks on sharded parameters gave another update than one process "
+        "(measured, docs/distributed.md).",
     }
 
     # -------------------------------------------------------------------------------------------- state machine
@@ -112,11 +126,8 @@ class LisaTrainer(DefenseTrainerMixin, SFTTrainer):
         (the anchor of fine-tuning steps) and `anchors["finetune"]` the one taken when a fine-tuning state ends (the
         anchor of alignment steps).
         """
-        previous = ALIGNMENT if phase == FINETUNE else FINETUNE
-        if self._phase is not None and self._phase != phase:
-            self._anchors[previous].update()
+        self._proximal.anchor = enter_phase(self._anchors, self._phase, phase)
         self._phase = phase
-        self._proximal.anchor = self._anchors[previous]
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from ...core.distributed import refuse_sharded_weights
 from .safelora_config import SafeLoRAConfig
 from .safelora_project import safelora_project
 
@@ -37,6 +38,9 @@ class SafeLoRACallback(TrainerCallback):
         self.config = config or SafeLoRAConfig()
         self.base_model = base_model
         self.aligned_model = aligned_model
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        refuse_sharded_weights(model, "SafeLoRACallback")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is None:

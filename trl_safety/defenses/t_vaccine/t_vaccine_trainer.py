@@ -50,7 +50,7 @@ class TVaccineTrainer(DefenseTrainerMixin, SFTTrainer):
         "zero1": _DEEPSPEED_REASON,
         "zero2": _DEEPSPEED_REASON,
         "zero3": _DEEPSPEED_REASON,
-        "fsdp": "per-step layer freezing and the activation-gradient probe are untested under FSDP.",
+        "fsdp": "under FSDP2 its update differed from a single-process run (measured, docs/distributed.md).",
     }
     locates_layers = True
 

@@ -45,9 +45,8 @@ class VaccineTrainer(DefenseTrainerMixin, SFTTrainer):
     split_dependence = (
         "ε = ρ·g/‖g‖ with the norm over the whole micro-batch: each row's ε scales with 1/√(micro-batch size)."
     )
-    unsupported_backends = {
-        "fsdp": "the activation-gradient probe pass is untested under FSDP (see docs/vaccine.md).",
-    }
+    # FSDP2 measured by tests/distributed/test_fsdp2.py (2 CPU ranks, equal to one process; docs/distributed.md)
+    fsdp_verified = True
     locates_layers = True
 
     def uses_attention_modules(self) -> bool:
