@@ -54,3 +54,16 @@ def test_find_modules_by_suffix_and_regex():
     assert len(by_regex) == 4
     with pytest.raises(ValueError, match="No module of LlamaForCausalLM matches"):
         find_modules(model, ["nonexistent"])
+
+
+def test_is_peft_model_is_false_after_merge_and_unload():
+    """A merged model is a plain model again, though under peft 0.18 it keeps a stale `peft_config` attribute (the
+    bench then took it for an adapter and fine-tuned a model with nothing trainable)."""
+    from trl_safety.core.layers import is_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(build_model("llama"), lora)
+    assert is_peft_model(peft_model)
+    merged = peft_model.merge_and_unload()
+    assert not is_peft_model(merged)
+    assert is_peft_model(get_peft_model(merged, lora))

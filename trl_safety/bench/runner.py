@@ -31,6 +31,12 @@ from .data import BenchData, load_bench_data
 logger = logging.getLogger(__name__)
 
 
+def _is_peft(model) -> bool:
+    from ..core.layers import is_peft_model  # imported late: it loads peft
+
+    return is_peft_model(model)
+
+
 def _config_fields(config_class) -> set[str]:
     return {f.name for f in dataclasses.fields(config_class) if f.init}
 
@@ -44,10 +50,6 @@ def build_stage_config(config_class, values: dict, overrides: dict):
         raise ValueError(f"bench_overrides {unknown} are not fields of {config_class.__name__}.")
     kwargs.update(overrides)
     return config_class(**kwargs)
-
-
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config")
 
 
 def evaluate(model, data: BenchData, config: BenchConfig, judge):

@@ -19,6 +19,12 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a PEFT adapter model. Not `hasattr(model, "peft_config")`: under peft 0.18 a model returned
+    by `merge_and_unload()` keeps a stale `peft_config` attribute, with no adapter and nothing trainable."""
+    return isinstance(model, PeftModel)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip distributed wrappers (DDP, DeepSpeedEngine, torch.compile) and PEFT's wrappers down to the HF model."""
     seen = set()

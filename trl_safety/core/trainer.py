@@ -40,7 +40,13 @@ from .config import (
     upgrade_config,
 )
 from .distributed import backend_name, fsdp_version
-from .layers import check_decoder_only, get_attention_modules, get_decoder_layers, set_layer_overrides
+from .layers import (
+    check_decoder_only,
+    get_attention_modules,
+    get_decoder_layers,
+    is_peft_model,
+    set_layer_overrides,
+)
 from .state_io import STATE_JSON_NAME, has_defense_state, load_defense_state, save_defense_state
 
 
@@ -468,7 +474,7 @@ class DefenseTrainerMixin:
             value = getattr(self.args, name)
             hyperparameters[name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
         model = self.model
-        is_adapter = hasattr(model, "peft_config")
+        is_adapter = is_peft_model(model)
         base_model = None
         if is_adapter:
             peft_config = next(iter(model.peft_config.values()))

@@ -9,6 +9,7 @@ from torch import nn
 from trl import SFTTrainer
 
 from ... import compat
+from ...core.layers import is_peft_model
 from ...core.losses import is_packed_batch
 from ...core.trainer import DefenseTrainerMixin
 
@@ -81,7 +82,7 @@ class TokenConstrainedTrainer(DefenseTrainerMixin, SFTTrainer):
         bare = self.accelerator.unwrap_model(self.model)
         if not compat.uses_fused_lm_head(bare):
             raise ValueError("TokenConstrainedTrainer needs the model patched with TRL's fused LM head by SFTTrainer.")
-        is_peft = hasattr(bare, "disable_adapter") and hasattr(bare, "peft_config")
+        is_peft = is_peft_model(bare)
         mode = self.args.reference_mode
         if mode == "auto":
             mode = "adapter_off" if is_peft else "copy"
