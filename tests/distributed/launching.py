@@ -85,8 +85,14 @@ def launch_driver(config_file: str, defenses: list[str], out: str, flags: list[s
     return summary
 
 
+_REFERENCES: dict[str, str] = {}
+
+
 def single_process_reference(defense: str, out: str) -> str:
-    """Run `defense` in this process on the launches' micro-batches (batch b, accumulation 2·GA); its folder."""
+    """Run `defense` in this process on the launches' micro-batches (batch b, accumulation 2·GA), once per folder;
+    its folder."""
+    if out in _REFERENCES:
+        return out
     shutil.rmtree(out, ignore_errors=True)
     threads = torch.get_num_threads()
     load_driver().main(
@@ -94,6 +100,7 @@ def single_process_reference(defense: str, out: str) -> str:
         + ["--gradient_accumulation_steps", str(2 * GA), "--use_cpu", "true"]
     )
     torch.set_num_threads(threads)
+    _REFERENCES[out] = defense
     return out
 
 

@@ -62,14 +62,9 @@ def launch(kind: str, defenses: list[str], tmp_root: str, config: str = CONFIG, 
     return summary
 
 
-_REFERENCES: dict[str, str] = {}
-
-
 def reference(defense: str, tmp_root: str) -> str:
     """Single-process run on the same micro-batches: batch b, accumulation 2·GA (in this process)."""
-    if defense not in _REFERENCES:
-        _REFERENCES[defense] = single_process_reference(defense, os.path.join(tmp_root, f"single-{defense}"))
-    return _REFERENCES[defense]
+    return single_process_reference(defense, os.path.join(tmp_root, f"single-{defense}"))
 
 
 @pytest.fixture(scope="module")
