@@ -8,8 +8,16 @@ python benchmarks/overhead.py --arch smollm2 --layers 4 --output smollm2.json   
 
 Every (defense, mode) configuration runs in its own subprocess on the same model (a Llama built from a config), the
 same data and the same batch, with plain SFT measured in the same run; the order of configurations alternates across
-repeats to cancel drift. Step time is the median wall time between `on_step_begin` and `on_step_end` (one optimizer
-step: the defense's passes, backward, optimizer step) after warm-up. Peak memory is, on CUDA, the allocator's peak
+repeats to cancel drift. Step time is the median time between `on_step_begin` and `on_step_end` (one optimizer
+step: the defense's passes, backward, optimizer step) after warm-up, on one of two clocks (`--clock`):
+
+- `cpu` (the default on CPU): the CPU time of the worker process with one compute thread, less the memory sampler's
+  own CPU time. Other jobs on the machine delay a step but do not add to its CPU time, so the ratios hold on a
+  shared machine (wall ratios on 2 shared cores moved by up to 2× between repeats). It counts computation, not
+  waiting: what a CPU user pays per step.
+- `wall` (required on CUDA, where the work runs on the device): wall time with the device synchronised.
+
+ Peak memory is, on CUDA, the allocator's peak
 during training; on CPU, the peak resident set size sampled every millisecond during training minus the resident size
 just before training (what training adds: activations, gradients, optimizer state, the defense's extra tensors).
 Gradient checkpointing is off and training is in fp32 on CPU (bf16 on CUDA), so ratios reflect the algorithms.
@@ -92,6 +100,7 @@ class _RssSampler:
     def __init__(self, interval: float = 0.001):
         self.interval = interval
         self.peak = 0
+        self.cpu_seconds = 0.0  # this thread's own CPU time, which the `cpu` clock leaves out
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -103,6 +112,7 @@ class _RssSampler:
     def _run(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, self.rss())
+            self.cpu_seconds = time.thread_time()
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -123,6 +133,8 @@ def run_worker(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(args.seed)
+    if args.clock == "cpu":
+        torch.set_num_threads(1)  # CPU time of one compute thread: no spin-waiting of idle threads in it
     tokenizer = _build_tokenizer(args.vocab_size)
     config = LlamaConfig(
         vocab_size=args.vocab_size,
@@ -188,18 +200,21 @@ def run_worker(args) -> dict:
         **kwargs,
     )
 
-    times: list[float] = []
+    sampler = _RssSampler()
+    times: dict[str, list[float]] = {"wall": [], "cpu": []}
+
+    def clocks() -> dict[str, float]:
+        if cuda:
+            torch.cuda.synchronize()
+        return {"wall": time.perf_counter(), "cpu": time.process_time() - sampler.cpu_seconds}
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_, **__):
-            if cuda:
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
+            self.start = clocks()
 
         def on_step_end(self, *_, **__):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.start)
+            for clock, now in clocks().items():
+                times[clock].append(now - self.start[clock])
 
     trainer.add_callback(StepTimer())
     if cuda:
@@ -209,16 +224,19 @@ def run_worker(args) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         base = _RssSampler.rss()
-        with _RssSampler() as sampler:
+        with sampler:
             trainer.train()
         peak = sampler.peak - base
-    measured = times[args.warmup :]
+    measured = {clock: values[args.warmup :] for clock, values in times.items()}
     return {
         "defense": args.defense,
         "mode": args.mode,
         "repeat": args.repeat,
-        "step_seconds": statistics.median(measured),
-        "step_seconds_all": measured,
+        "clock": args.clock,
+        "step_seconds": statistics.median(measured[args.clock]),
+        "step_seconds_all": measured[args.clock],
+        "step_wall_seconds": statistics.median(measured["wall"]),
+        "step_cpu_seconds": statistics.median(measured["cpu"]),
         "peak_memory_bytes": peak,
     }
 
@@ -248,7 +266,7 @@ def _run_config(args, defense: str, mode: str, repeat: int = 0) -> dict:
     for name in (*names, "rope_theta", "steps", "warmup", "seed"):
         if getattr(args, name) is not None:
             command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    command += ["--device", args.device, "--repeat", str(repeat)]
+    command += ["--device", args.device, "--clock", args.clock, "--repeat", str(repeat)]
     if args.tie_embeddings:
         command.append("--tie-embeddings")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -309,10 +327,10 @@ def _ratio_cell(ratio, spread) -> str:
     return f"{cell} ({spread[0]:.2f}–{spread[1]:.2f})" if spread else cell
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], clock: str = "cpu") -> str:
     lines = [
-        "| defense | mode | time ratio (min–max) | memory ratio (min–max) | step (ms) | SFT step (ms) | peak mem (MB) | "
-        "SFT peak mem (MB) |",
+        f"| defense | mode | time ratio (min–max) | memory ratio (min–max) | step (ms, {clock}) | SFT step (ms, {clock}) "
+        "| peak mem (MB) | SFT peak mem (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -349,6 +367,12 @@ def parse_args(argv=None):
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="Step clock: CPU time of one compute thread (default on CPU) or wall time (CUDA's only clock).",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--defense", default="sft", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="full", help=argparse.SUPPRESS)
@@ -357,6 +381,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     for name, value in ARCHITECTURES.get(args.arch, {}).items():
         setattr(args, name, value)
+    if args.clock is None:
+        args.clock = "wall" if args.device == "cuda" else "cpu"
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error(
+            "--clock cpu measures host threads; on --device cuda the step runs on the device: use --clock wall."
+        )
     return args
 
 
@@ -379,7 +409,7 @@ def main(argv=None) -> dict:
     rows = summarise(results, defenses, args.modes)
     report = {"config": config, "wall_seconds": round(time.perf_counter() - started, 1), "rows": rows, "runs": results}
     Path(args.output).write_text(json.dumps(report, indent=2))
-    table = markdown_table(report["rows"])
+    table = markdown_table(report["rows"], args.clock)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     print(table)

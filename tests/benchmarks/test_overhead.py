@@ -64,6 +64,14 @@ def test_smollm2_architecture_sets_the_real_shapes(overhead):
     assert args.layers == 4
 
 
+def test_clock_defaults_follow_the_device(overhead):
+    assert overhead.parse_args([]).clock == "cpu"
+    assert overhead.parse_args(["--device", "cuda"]).clock == "wall"
+    assert overhead.parse_args(["--clock", "wall"]).clock == "wall"
+    with pytest.raises(SystemExit):  # host CPU time says nothing about a step that runs on the device
+        overhead.parse_args(["--device", "cuda", "--clock", "cpu"])
+
+
 def test_worker_writes_a_measurement(overhead, tmp_path):
     """One real (tiny) worker run in a subprocess: the JSON it returns has the contract's fields."""
     out = tmp_path / "report.json"
@@ -111,4 +119,7 @@ def test_worker_writes_a_measurement(overhead, tmp_path):
     assert run["defense"] == "sft" and len(run["step_seconds_all"]) == 2
     assert run["step_seconds"] > 0 and run["peak_memory_bytes"] >= 0
     assert run["repeat"] == 0 and report["wall_seconds"] > 0
+    # on CPU the default clock is the CPU time of one compute thread; the wall time is kept beside it
+    assert report["config"]["clock"] == run["clock"] == "cpu"
+    assert run["step_seconds"] == run["step_cpu_seconds"] and run["step_wall_seconds"] > 0
     assert report["config"]["kv_heads"] == 2 and report["config"]["tie_embeddings"] is True

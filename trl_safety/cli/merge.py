@@ -85,6 +85,7 @@ def run(argv: list[str], prog: str = "trl-safety merge", command: str | None = "
         reject_unknown_flags,
         trl_parser,
     )
+    from trl_safety.models import resolve_model_fields
 
     parser = trl_parser(MergeArguments, prog=prog, description=__doc__.split("\n\n")[0])
     config_path, rest = pop_config_path(argv)
@@ -94,6 +95,7 @@ def run(argv: list[str], prog: str = "trl-safety merge", command: str | None = "
     args, remaining = parse_or_usage(parser.parse_args_into_dataclasses, rest, return_remaining_strings=True)
     reject_unknown_flags(remaining, parser)
     check_merge_arguments(args)
+    resolve_model_fields(args, ("adapter_base_model",))
     merge_adapter(args)
     print(f"Merged {args.model_name_or_path} into its base model; saved to {args.output_dir}.")
     return 0

@@ -14,6 +14,10 @@ trl-safety prune --defense safelora --model_name_or_path sft-run/ --base_model m
 
 # LoX (before fine-tuning): extrapolate the alignment adapter (or a dense aligned model with --base_model)
 trl-safety prune --defense lox --model_name_or_path vaccine-aligned/ --rank 6 --alpha 0.5 --output_dir aligned-lox
+
+# SafeMERGE: merge the adapter with a safety adapter where it leaves the alignment subspace
+trl-safety prune --defense safemerge --model_name_or_path sft-run/ --safety_adapter safety-adapter/ \
+    --base_model meta-llama/Llama-2-7b-hf --aligned_model vaccine-aligned/ --output_dir sft-run-safemerge
 ```
 
 A `--model_name_or_path` folder holding `adapter_config.json` is a PEFT adapter: it is loaded on its base model (the one recorded
@@ -54,12 +58,12 @@ class PruneArguments:
         metadata={"help": "Base model to load a PEFT adapter on (default: the one recorded in adapter_config.json)."},
     )
     base_model: str | None = field(
-        default=None, metadata={"help": "SafeLoRA, LoX: the unaligned base model (folder or Hub id)."}
+        default=None, metadata={"help": "SafeLoRA, LoX, SafeMERGE: the unaligned base model (folder or Hub id)."}
     )
     aligned_model: str | None = field(
         default=None,
         metadata={
-            "help": "SafeLoRA: the aligned model (folder or Hub id), or an alignment-adapter folder, which is merged "
+            "help": "SafeLoRA, SafeMERGE: the aligned model (folder or Hub id), or an alignment-adapter folder, which is merged "
             "onto --base_model."
         },
     )
@@ -71,6 +75,10 @@ class PruneArguments:
         default=None, metadata={"help": "Device for the repair (default: cuda when available, else cpu)."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship custom code."})
+
+
+# the flags naming a model: each takes a folder, a Hub id or an alias (`smollm2`)
+MODEL_FLAGS = ("model_name_or_path", "adapter_base_model", "base_model", "aligned_model")
 
 
 def _post_fine_tuning_names() -> list[str]:
@@ -127,6 +135,7 @@ def _jsonable(value):
 def save_repaired(model, tokenizer, spec, config, args: PruneArguments, is_adapter: bool, base_name: str) -> None:
     """Save the model or adapter with `defense_config.json` and a model card naming the defense."""
     from trl_safety.core.card import DEFENSE_CONFIG_NAME, build_model_card
+    from trl_safety.models import recorded_base_model
 
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)
@@ -146,7 +155,7 @@ def save_repaired(model, tokenizer, spec, config, args: PruneArguments, is_adapt
         "hyperparameters": {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)},
         "datasets": datasets,
         "paper": dict(spec.paper),
-        "base_model": base_name,
+        "base_model": recorded_base_model(base_name),
         "is_adapter": is_adapter,
         "repaired_model": args.model_name_or_path,
         "licence_notes": list(spec.licence_notes),
@@ -161,7 +170,7 @@ def check_prune_arguments(args: PruneArguments, config) -> None:
     """The models and datasets the repair names can be found, before anything is loaded."""
     check_model(args.model_name_or_path, "--model_name_or_path")
     check_adapter_base(args.model_name_or_path, args.adapter_base_model, "--adapter_base_model")
-    for flag in ("adapter_base_model", "base_model", "aligned_model"):
+    for flag in MODEL_FLAGS[1:]:
         check_model(getattr(args, flag), f"--{flag}")
     check_dataset_fields(config)
 
@@ -186,6 +195,7 @@ def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "
         trl_parser,
     )
     from trl_safety.cli.train import _pop_defense
+    from trl_safety.models import resolve_model_fields
     from trl_safety.registry import get_defense
 
     defense, rest = _pop_defense(_old_spellings(argv))
@@ -219,6 +229,7 @@ def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "
     args, config, remaining = parse_or_usage(parser.parse_args_into_dataclasses, rest, return_remaining_strings=True)
     reject_unknown_flags(remaining, parser)
     check_prune_arguments(args, config)
+    resolve_model_fields(args, MODEL_FLAGS)
     model, tokenizer, is_adapter, base_name = load_model_for_repair(args)
 
     kwargs = {"processing_class": tokenizer, "base_model": args.base_model, "aligned_model": args.aligned_model}

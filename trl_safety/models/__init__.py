@@ -38,6 +38,12 @@ def resolve_model_name(name):
     return name
 
 
+def resolve_model_fields(args, fields) -> None:
+    """Replace each alias among `args`' model fields (`--model_name_or_path smollm2`, ...) by its cached folder."""
+    for name in fields:
+        setattr(args, name, resolve_model_name(getattr(args, name)))
+
+
 def needs_own_loading(name: str, model_init_kwargs: dict | None) -> bool:
     """Whether `model=name` is something TRL's `create_model_from_path` cannot load: a `.gguf` file, a folder with
     `gguf_file` in `model_init_kwargs`, or a folder whose `config.json` kept a GGUF `quantization_config`."""
