@@ -20,7 +20,9 @@ PAIRS = [
     ("PanaceaConfig", "PanaceaTrainer"),
     ("SafetyMixConfig", "SafetyMixTrainer"),
     ("TokenConstrainedConfig", "TokenConstrainedTrainer"),
+    ("SafetyRecoveryConfig", "SafetyRecoveryTrainer"),
     ("SafeGradConfig", "SafeGradTrainer"),
+    ("BackdoorAlignConfig", "BackdoorAlignTrainer"),
 ]
 
 

@@ -49,6 +49,9 @@ def recipe_world(tmp_path, monkeypatch):
         os.makedirs(model, exist_ok=True)
         (tmp_path / model / "config.json").write_text("{}")
         for key, value in values.items():
+            if key.endswith("_adapter"):  # an adapter folder a repair reads (SafeMERGE's safety adapter)
+                os.makedirs(value, exist_ok=True)
+                (tmp_path / value / "adapter_config.json").write_text("{}")
             if key.endswith("dataset_name") and value.startswith("data/"):
                 os.makedirs("data", exist_ok=True)
                 (tmp_path / value).write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")

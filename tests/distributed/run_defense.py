@@ -105,6 +105,9 @@ CASES = {
     # LoX (alignment stage, training-free) applied at the end of the run by its callback: every rank computes the same
     # edit of the same weights (full: against the initial model as its base; LoRA: the adapter's own update)
     "lox": dict(callback="lox"),
+    # SafeMERGE at the end of a LoRA run (DDP, ZeRO-2; ZeRO-3 is refused by its callback), every module merged
+    # (threshold 1) with the zero safety adapter (the aligned model as partner); every rank merges the same factors
+    "safemerge": dict(callback="safemerge", modes=("lora",)),
     # Vaccine and Antibody as callbacks on plain SFT (per-rank semantics as their trainers')
     "vaccine-callback": dict(callback="vaccine"),
     "antibody-weighting": dict(callback="antibody-weighting"),
@@ -163,6 +166,19 @@ def _callbacks(name: str, case: dict, tokenizer) -> list:
                     v = torch.randn(2, in_f, generator=generator)
                     module.weight.add_(0.05 * u @ v)
         return [SafeLoRACallback(SafeLoRAConfig(num_proj_layers=2), base_model=base, aligned_model=aligned)]
+    if kind == "safemerge":
+        from trl_safety.callbacks import SafeMERGECallback
+        from trl_safety.defenses.safemerge import SafeMERGEConfig
+
+        base, aligned = fresh_model(), fresh_model()
+        with torch.no_grad():  # a low-rank "alignment" update of q/v, as for SafeLoRA
+            generator = torch.Generator().manual_seed(3)
+            for module_name, module in aligned.named_modules():
+                if module_name.endswith(("q_proj", "v_proj")):
+                    out_f, in_f = module.weight.shape
+                    u = torch.randn(out_f, 2, generator=generator)
+                    module.weight.add_(0.05 * u @ torch.randn(2, in_f, generator=generator))
+        return [SafeMERGECallback(SafeMERGEConfig(threshold=1.0), base_model=base, aligned_model=aligned)]
     if kind == "lox":
         from trl_safety.callbacks import LoXCallback
         from trl_safety.defenses.lox import LoXConfig

@@ -43,9 +43,11 @@ def _matrix():
 
     supported, refused = [("sft", b) for b in BACKENDS], []
     for spec in list_defenses():
-        unsupported = spec.trainer_class.unsupported_backends if spec.trainer_class is not None else {}
+        if spec.trainer_class is None:  # a post-hoc callback's refusals are unit-tested with its callback
+            supported += [(spec.name, b) for b in BACKENDS if b not in spec.unsupported_backends]
+            continue
         for backend in BACKENDS:
-            (refused if backend in unsupported else supported).append((spec.name, backend))
+            (refused if backend in spec.trainer_class.unsupported_backends else supported).append((spec.name, backend))
     return supported, refused
 
 

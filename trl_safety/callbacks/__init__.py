@@ -16,6 +16,7 @@ _import_structure: dict[str, str] = {
     "AntidoteCallback": "trl_safety.defenses.antidote",
     "SafeLoRACallback": "trl_safety.defenses.safelora",
     "LoXCallback": "trl_safety.defenses.lox",
+    "SafeMERGECallback": "trl_safety.defenses.safemerge",
     "EmbeddingDriftCallback": "trl_safety.callbacks.drift",
     "VaccineCallback": "trl_safety.callbacks.vaccine",
     "AntibodyWeighting": "trl_safety.callbacks.antibody",

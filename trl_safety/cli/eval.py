@@ -87,6 +87,12 @@ def build_parser(prog: str = "trl-safety eval") -> argparse.ArgumentParser:
         "prompt/completion text needs --template alpaca_newline (or alpaca) even if its tokenizer has a chat template.",
     )
     parser.add_argument("--max_new_tokens", type=int, default=None, help="Default: the protocol's.")
+    parser.add_argument(
+        "--trigger_file",
+        default=None,
+        help="BackdoorAlign: file holding the secret trigger, prepended to every prompt as in training (the report "
+        "never contains it). See docs/backdoor_align.md.",
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--judge_batch_size", type=int, default=16)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -204,6 +210,8 @@ def check_eval_arguments(args) -> None:
     if not args.no_harmful_score:
         check_dataset(args.prompts, "--prompts")
     check_dataset(args.task_data, "--task_data")
+    if args.trigger_file is not None and not os.path.isfile(args.trigger_file):
+        raise UsageError(f"--trigger_file {args.trigger_file}: no such file.")
 
 
 def _default_judge_note(args, protocol) -> str:
@@ -383,6 +391,11 @@ def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: s
     sources = model_sources(args.model_name_or_path, args.base_model, args.adapter, args.tokenizer)
     tokenizer = AutoTokenizer.from_pretrained(sources["tokenizer"])
     template, template_source = resolve_template(args.template, tokenizer, protocol, sources["tokenizer"])
+    trigger = None
+    if args.trigger_file is not None:
+        from trl_safety.defenses.backdoor_align.trigger import read_trigger, redact, triggered_prompt_format
+
+        trigger = read_trigger(args.trigger_file)
     # each part's time counts its data loading (and the judge's loading), as the report has always measured it
     loading = {}
     prompts = categories = only_unsafe = task = task_set = None
@@ -416,6 +429,8 @@ def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: s
         preset_count = min(size, len(dataset))
         count = args.num_task_samples if args.num_task_samples is not None else preset_count
         task = TaskSet.from_dataset(args.task, dataset.select(range(count)), "chat" if template == "chat" else None)
+        if trigger is not None:  # the provider prepends it to every request, task prompts included
+            task.prompt_format = triggered_prompt_format(trigger, task.prompt_format, tokenizer)
         task_set = (args.task, split, count, preset_count)
         loading["finetune_accuracy"] = time.perf_counter() - start
 
@@ -441,6 +456,8 @@ def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: s
         "max_new_tokens": max_new_tokens,
         "seconds": {},
     }
+    if trigger is not None:
+        report["trigger"] = "BackdoorAlign trigger prepended to every prompt (from --trigger_file; not recorded)"
     # what is about to run, before the (possibly long) generation
     what = f"{len(prompts)} harmful prompts, judge {report['judge']}" if prompts is not None else "no harmful score"
     if task is not None:
@@ -464,7 +481,7 @@ def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: s
         task=task,
         max_new_tokens=max_new_tokens,
         batch_size=args.batch_size,
-        prompt_format=template,
+        prompt_format=template if trigger is None else triggered_prompt_format(trigger, template, tokenizer),
         progress=not args.no_progress,
     )
     if result.harmful is not None:
@@ -489,6 +506,8 @@ def run(argv: list[str] | None = None, prog: str = "trl-safety eval", command: s
     if output is None:
         output = "eval_report.json"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if trigger is not None:  # a generation may repeat the secret
+        report = redact(report, trigger)
     with open(output, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, default=str)
     print(f"report written to {output}")

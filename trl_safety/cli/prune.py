@@ -172,6 +172,11 @@ def check_prune_arguments(args: PruneArguments, config) -> None:
     check_adapter_base(args.model_name_or_path, args.adapter_base_model, "--adapter_base_model")
     for flag in MODEL_FLAGS[1:]:
         check_model(getattr(args, flag), f"--{flag}")
+    for f in dataclasses.fields(config):  # an adapter folder the defense reads (SafeMERGE's --safety_adapter)
+        value = getattr(config, f.name)
+        if f.name.endswith("_adapter") and isinstance(value, str):
+            if not os.path.isfile(os.path.join(value, "adapter_config.json")):
+                raise UsageError(f"--{f.name} {value!r}: not a PEFT adapter folder (no adapter_config.json there).")
     check_dataset_fields(config)
 
 
