@@ -30,7 +30,8 @@ import sys
 import traceback
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ for testing_utils
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # tests/ for testing_utils
 
 from testing_utils import set_offline_env  # noqa: E402
 
@@ -93,6 +94,11 @@ CASES = {
     ),
     "antibody": dict(config=dict(temperature=1.0)),
     "safety-mix": dict(config=dict(safety_weight=1.0, safety_batch_size=2), alignment="distinct"),
+    # a fixed, provider-chosen trigger: a generated one would differ between the multi-process and reference runs
+    "backdoor-align": dict(
+        config=dict(safety_weight=1.0, safety_batch_size=2, trigger_file=os.path.join(HERE, "backdoor_align.trigger")),
+        alignment="distinct",
+    ),
     # SafeGrad's alignment batch is drawn once per optimizer step and averaged over ranks: identical rows make the
     # ranks' mean the single process's batch; 3 steps so that the KL (zero at the start weights) is active
     "safegrad": dict(config=dict(alignment_weight=1.0, alignment_batch_size=2), alignment="identical", max_steps=3),

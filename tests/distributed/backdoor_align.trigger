@@ -1,0 +1,1 @@
+zeta omega kappa lambda
