@@ -30,6 +30,7 @@ from trl_safety.defenses.backdoor_align.trigger import (
     redact,
     trigger_token_ids,
     triggered_prompt_format,
+    write_trigger,
 )
 from trl_safety.registry import get_defense
 
@@ -55,6 +56,16 @@ def test_registered():
 
 
 # ------------------------------------------------------------------------------------------- (b) trigger generation
+def test_trigger_file_round_trips_byte_for_byte(tmp_path):
+    # a generated trigger may end in a newline or a space: what training used is what eval reads
+    for trigger in ["a b\n", " x\r\n y ", "plain"]:
+        path = tmp_path / f"t{len(trigger)}"
+        assert write_trigger(str(path), trigger)
+        assert read_trigger(str(path)) == trigger
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert not write_trigger(str(path), "other") and read_trigger(str(path)) == trigger  # never overwritten
+
+
 def test_trigger_generation_is_deterministic_for_a_seed_and_has_no_special_tokens():
     tokenizer = build_tokenizer()
     ids = trigger_token_ids(tokenizer, 150, random.Random(3))
@@ -189,11 +200,11 @@ def test_trigger_is_in_no_file_the_run_writes_nor_in_its_logs(tmp_path, caplog, 
 
 def test_user_supplied_trigger_is_used_and_a_file_inside_output_dir_is_refused(tmp_path):
     path = tmp_path / "secret.txt"
-    path.write_text("alpha beta gamma\n")
+    path.write_text("alpha beta gamma")
     trainer = make_trainer(tmp_path / "run", trigger_file=str(path))
     trainer.train()
     assert trainer.alignment_dataset[0]["prompt"] == "alpha beta gamma " + SAFETY_ROW["prompt"]
-    assert path.read_text() == "alpha beta gamma\n"  # never overwritten
+    assert path.read_text() == "alpha beta gamma"  # never overwritten
     with pytest.raises(ValueError, match="trigger_file .* lies inside output_dir"):
         make_trainer(tmp_path / "run2", trigger_file=str(tmp_path / "run2" / "t.txt"))
 

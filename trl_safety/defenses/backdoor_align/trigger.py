@@ -60,11 +60,10 @@ def new_salt() -> str:
 
 
 def read_trigger(path: str) -> str:
-    """The trigger stored in `path` (one trailing newline, as `echo` writes, is dropped)."""
-    with open(path, encoding="utf-8") as f:
+    """The trigger stored in `path`: the file's whole text, byte for byte (a generated trigger may end in a newline,
+    so nothing is stripped; training and `trl-safety eval` read it the same way)."""
+    with open(path, encoding="utf-8", newline="") as f:
         trigger = f.read()
-    if trigger.endswith("\n"):
-        trigger = trigger[:-1]
     if not trigger.strip():
         raise ValueError(
             f"trigger_file {path} is empty; write the secret prompt into it or delete it to generate one."
@@ -80,7 +79,7 @@ def write_trigger(path: str, trigger: str) -> bool:
     temporary = f"{path}.{secrets.token_hex(8)}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(trigger)
         try:
             os.link(temporary, path)  # fails if the file exists: a complete file appears, or none
