@@ -119,24 +119,28 @@ def alignment_projection(
     return (basis @ basis.T).to(v.dtype)
 
 
-def _lora_pairs(model: nn.Module, config: SafeLoRAConfig) -> list[tuple[str, str, nn.Module]]:
-    """(module name, adapter name, LoRA layer) of every active LoRA pair SafeLoRA may project."""
+def active_lora_layers(model: nn.Module, target_modules, who: str) -> list[tuple[str, str, nn.Module]]:
+    """(module name, adapter name, LoRA layer) of every active adapter of every LoRA layer (among `target_modules`
+    when given); an adapter merged into its base weights is refused, naming `who`."""
     base = unwrap_model(model)
-    if config.target_modules:
-        candidates = find_modules(base, config.target_modules)
-    else:
-        candidates = list(base.named_modules())
-    pairs = []
+    candidates = find_modules(base, target_modules) if target_modules else list(base.named_modules())
+    found = []
     for name, module in candidates:
         if not _is_lora_layer(module):
             continue
         if getattr(module, "merged", False):
-            raise ValueError(
-                f"The LoRA adapter of {name} is merged into the base weights; SafeLoRA needs it unmerged."
-            )
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A and isinstance(module.lora_A[adapter], nn.Linear):
-                pairs.append((name, adapter, module))
+            raise ValueError(f"The LoRA adapter of {name} is merged into the base weights; {who} needs it unmerged.")
+        found += [(name, adapter, module) for adapter in module.active_adapters if adapter in module.lora_A]
+    return found
+
+
+def _lora_pairs(model: nn.Module, config: SafeLoRAConfig) -> list[tuple[str, str, nn.Module]]:
+    """(module name, adapter name, LoRA layer) of every active LoRA pair SafeLoRA may project."""
+    pairs = [
+        (name, adapter, module)
+        for name, adapter, module in active_lora_layers(model, config.target_modules, "SafeLoRA")
+        if isinstance(module.lora_A[adapter], nn.Linear)
+    ]
     if not pairs:
         raise ValueError(
             "SafeLoRA projects LoRA updates, but the model has no active LoRA adapter"

@@ -29,12 +29,12 @@ from torch import nn
 
 from ...core.config import check_defense_fields
 from ...core.distributed import gathered, is_zero3_param
-from ...core.layers import find_modules, unwrap_model
+from ...core.layers import unwrap_model
 from ..safelora.safelora_project import (
     _dense_weight,
     _is_adapter_folder,
-    _is_lora_layer,
     _load_model,
+    active_lora_layers,
     alignment_projection,
     build_aligned_model,
 )
@@ -116,28 +116,17 @@ def _peft_model(model: nn.Module):
 
 def _lora_pairs(model: nn.Module, config: SafeMERGEConfig, exclude: str | None) -> list[tuple[str, str, nn.Module]]:
     """(module name, adapter, LoRA layer) of every active Linear LoRA pair of the fine-tuned adapter."""
-    base = unwrap_model(model)
-    candidates = find_modules(base, config.target_modules) if config.target_modules else list(base.named_modules())
     pairs = []
-    for name, module in candidates:
-        if not _is_lora_layer(module):
+    for name, adapter, module in active_lora_layers(model, config.target_modules, "SafeMERGE"):
+        if adapter == exclude:
             continue
-        if getattr(module, "merged", False):
-            raise ValueError(
-                f"The LoRA adapter of {name} is merged into the base weights; SafeMERGE needs it unmerged."
-            )
-        for adapter in module.active_adapters:
-            if adapter == exclude or adapter not in module.lora_A:
-                continue
-            if not isinstance(module.lora_A[adapter], nn.Linear):
-                raise ValueError(
-                    f"{name}: SafeMERGE merges Linear LoRA pairs; this adapter adapts a non-Linear layer."
-                )
-            if getattr(module, "use_dora", {}).get(adapter, False):
-                raise ValueError(f"{name}: SafeMERGE merges plain LoRA updates; DoRA adapters are not supported.")
-            if module.lora_B[adapter].bias is not None:
-                raise ValueError(f"{name}: SafeMERGE does not merge LoRA biases (`lora_bias=True`).")
-            pairs.append((name, adapter, module))
+        if not isinstance(module.lora_A[adapter], nn.Linear):
+            raise ValueError(f"{name}: SafeMERGE merges Linear LoRA pairs; this adapter adapts a non-Linear layer.")
+        if getattr(module, "use_dora", {}).get(adapter, False):
+            raise ValueError(f"{name}: SafeMERGE merges plain LoRA updates; DoRA adapters are not supported.")
+        if module.lora_B[adapter].bias is not None:
+            raise ValueError(f"{name}: SafeMERGE does not merge LoRA biases (`lora_bias=True`).")
+        pairs.append((name, adapter, module))
     if not pairs:
         raise ValueError(
             "SafeMERGE merges LoRA updates, but the model has no active LoRA adapter"
