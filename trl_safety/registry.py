@@ -46,7 +46,9 @@ class DefenseSpec:
         trainer_class: the `XTrainer` class, or None for post-hoc defenses.
         post_hoc: for post-fine-tuning defenses, a callable
             `(model, config, *, harmful_dataset=None, processing_class=None, base_model=None, aligned_model=None)`
-            that repairs `model` in place and returns it.
+            that repairs `model` in place and returns it (or the repaired model, when it is another object). It may
+            also take `output_dir=` (where its statistics go) and `alignment_dataset=` (a safety set: harmful
+            prompts → safe answers); callers pass those only when its signature has them.
         unsupported_backends: backends (`ddp`, `zero1`, `zero2`, `zero3`, `fsdp`) where the defense refuses to run.
             Derived from the trainer (`refused_backends()`, FSDP included until verified) for trainer defenses, so
             it is declared in one place; given here only for post-hoc defenses.

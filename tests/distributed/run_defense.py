@@ -114,6 +114,9 @@ CASES = {
     # SafeMERGE at the end of a LoRA run (DDP, ZeRO-2; ZeRO-3 is refused by its callback), every module merged
     # (threshold 1) with the zero safety adapter (the aligned model as partner); every rank merges the same factors
     "safemerge": dict(callback="safemerge", modes=("lora",)),
+    # Safe Delta at the end of a full run (DDP, ZeRO-2; LoRA and ZeRO-3 are refused by its callback): every rank
+    # computes the same Hessians and selection from the same safety rows and the same weights
+    "safe-delta": dict(callback="safe-delta", modes=("full",)),
     # Vaccine and Antibody as callbacks on plain SFT (per-rank semantics as their trainers')
     "vaccine-callback": dict(callback="vaccine"),
     "antibody-weighting": dict(callback="antibody-weighting"),
@@ -185,6 +188,13 @@ def _callbacks(name: str, case: dict, tokenizer) -> list:
                     u = torch.randn(out_f, 2, generator=generator)
                     module.weight.add_(0.05 * u @ torch.randn(2, in_f, generator=generator))
         return [SafeMERGECallback(SafeMERGEConfig(threshold=1.0), base_model=base, aligned_model=aligned)]
+    if kind == "safe-delta":
+        from trl_safety.callbacks import SafeDeltaCallback
+        from trl_safety.defenses.safe_delta import SafeDeltaConfig
+
+        # budget normalised to the tiny model's width, so that the selection keeps some deltas and not others
+        config = SafeDeltaConfig(scale=1.0, budget_ref_dim=32, block_size=16, max_length=32)
+        return [SafeDeltaCallback(prompt_completion_dataset(8, seed=5), config, processing_class=tokenizer)]
     if kind == "lox":
         from trl_safety.callbacks import LoXCallback
         from trl_safety.defenses.lox import LoXConfig

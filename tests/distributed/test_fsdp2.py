@@ -32,7 +32,7 @@ CONFIG = os.path.join(HERE, "cpu_fsdp2.yaml")
 # Post-hoc callbacks: they edit whole weights after training, which FSDP2's DTensor shards do not allow, so they refuse
 # at `on_train_begin` (`core.distributed.refuse_sharded_weights`). Once they gather full state dicts, list them as
 # supported.
-POST_HOC = ("antidote", "safelora")
+POST_HOC = ("antidote", "safelora", "safe-delta")
 
 
 def _matrix() -> tuple[list[str], list[str]]:
@@ -103,7 +103,8 @@ def test_defense_trains_identically_under_fsdp2(defense, tmp_root):
 @pytest.mark.flaky(reruns=2)
 @pytest.mark.parametrize("callback", POST_HOC)
 def test_post_hoc_callbacks_refuse_fsdp2_shards(callback, tmp_root):
-    """Antidote and SafeLoRA edit whole weights at train end: on DTensor shards they refuse before training."""
+    """Antidote, SafeLoRA and Safe Delta edit whole weights at train end: on DTensor shards they refuse before
+    training."""
     summary = launch("trained", SUPPORTED + list(POST_HOC), tmp_root)
     results = [r for r in summary["results"] if r["defense"] == callback]
     assert results

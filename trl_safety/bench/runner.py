@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import os
 import shutil
@@ -340,6 +341,9 @@ class BenchRunner:
         post_config = build_stage_config(
             spec.config_class, self.train_values("fine-tuning", name, seed), self._overrides(spec)
         )
+        extra = {}
+        if "alignment_dataset" in inspect.signature(spec.post_hoc).parameters:  # a safety set (Safe Delta)
+            extra["alignment_dataset"] = self.data.paired_alignment
         return spec.post_hoc(
             model,
             post_config,
@@ -348,6 +352,7 @@ class BenchRunner:
             base_model=self.data.load_base(),
             aligned_model=aligned,
             output_dir=os.path.join(self.work_dir, f"{name}-post"),
+            **extra,
         )
 
     def evaluate(self, model):

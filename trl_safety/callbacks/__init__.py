@@ -17,6 +17,7 @@ _import_structure: dict[str, str] = {
     "SafeLoRACallback": "trl_safety.defenses.safelora",
     "LoXCallback": "trl_safety.defenses.lox",
     "SafeMERGECallback": "trl_safety.defenses.safemerge",
+    "SafeDeltaCallback": "trl_safety.defenses.safe_delta",
     "EmbeddingDriftCallback": "trl_safety.callbacks.drift",
     "VaccineCallback": "trl_safety.callbacks.vaccine",
     "AntibodyWeighting": "trl_safety.callbacks.antibody",

@@ -18,12 +18,16 @@ trl-safety prune --defense lox --model_name_or_path vaccine-aligned/ --rank 6 --
 # SafeMERGE: merge the adapter with a safety adapter where it leaves the alignment subspace
 trl-safety prune --defense safemerge --model_name_or_path sft-run/ --safety_adapter safety-adapter/ \
     --base_model meta-llama/Llama-2-7b-hf --aligned_model vaccine-aligned/ --output_dir sft-run-safemerge
+
+# Safe Delta: keep the fine-tuning deltas within a safety budget (a dense model; an adapter input is merged)
+trl-safety prune --defense safe-delta --model_name_or_path sft-run-full/ --aligned_model aligned/ \
+    --alignment_dataset_name data/safe_answers.jsonl --scale 0.11 --output_dir sft-run-safe-delta
 ```
 
 A `--model_name_or_path` folder holding `adapter_config.json` is a PEFT adapter: it is loaded on its base model (the one recorded
 in the adapter config, or `--adapter_base_model`) and the repaired adapter is saved. Any other folder or Hub id is
-loaded as a full model and saved whole. The output folder also gets `defense_config.json`, a model card, and the
-defense's statistics (`antidote_mask_stats.json`, `safelora_stats.json`). `--model` is an old spelling of
+loaded as a full model and saved whole (so is an adapter that the repair merges: Safe Delta). The output folder also gets `defense_config.json`, a model card, and the
+defense's statistics (`antidote_mask_stats.json`, `safelora_stats.json`, `safe_delta_stats.json`). `--model` is an old spelling of
 `--model_name_or_path`, still accepted (not listed in `--help`).
 """
 
@@ -200,6 +204,7 @@ def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "
         trl_parser,
     )
     from trl_safety.cli.train import _pop_defense
+    from trl_safety.core.layers import is_peft_model
     from trl_safety.models import resolve_model_fields
     from trl_safety.registry import get_defense
 
@@ -240,7 +245,12 @@ def run(argv: list[str], prog: str = "trl-safety prune", command: str | None = "
     kwargs = {"processing_class": tokenizer, "base_model": args.base_model, "aligned_model": args.aligned_model}
     if "output_dir" in inspect.signature(spec.post_hoc).parameters:
         kwargs["output_dir"] = args.output_dir
-    model = spec.post_hoc(model, config, **kwargs)
+    try:
+        model = spec.post_hoc(model, config, **kwargs)
+    except ValueError as error:  # a repair's ValueError names the input or flag that fixes it: a user mistake
+        raise UsageError(f"{spec.name}: {error}") from error
+    # a repair that merges an adapter (Safe Delta: the selection breaks the low-rank structure) returns a dense model
+    is_adapter = is_adapter and is_peft_model(model)
     save_repaired(model, tokenizer, spec, config, args, is_adapter, base_name)
     print(f"{spec.name}: repaired {'adapter' if is_adapter else 'model'} saved to {args.output_dir}.")
     return 0
