@@ -32,6 +32,7 @@ embeddings; randomly initialised, `--layers` of its 30), where compute dominates
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -55,6 +56,8 @@ BENCH_OVERRIDES = {
 # Defenses with their own harmful batch size (Booster's paper code hard-codes 10 with a training batch of 10): the
 # benchmark gives the harmful passes the training batch size, so "k passes" cost k training-batch passes
 HARMFUL_BATCH_SIZE_FIELD = "harmful_batch_size"
+# The LoRA modules of `--modes lora` (training runs and the adapters the repairs read)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 # Architectures of real models (`--arch`): they replace the shape flags; `--layers` stays free (fewer on a CPU)
@@ -126,16 +129,10 @@ class _RssSampler:
         self.peak = max(self.peak, self.rss())
 
 
-def run_worker(args) -> dict:
-    import torch
-    from peft import LoraConfig
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+def _build_model(args, tokenizer):
+    """The benchmark's Llama (from the shape flags), initialised from the current torch seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(args.seed)
-    if args.clock == "cpu":
-        torch.set_num_threads(1)  # CPU time of one compute thread: no spin-waiting of idle threads in it
-    tokenizer = _build_tokenizer(args.vocab_size)
     config = LlamaConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden,
@@ -149,7 +146,36 @@ def run_worker(args) -> dict:
         tie_word_embeddings=args.tie_embeddings,
         rope_theta=args.rope_theta,
     )
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def _set_up_worker(args):
+    """Seed, thread count and tokenizer of a worker process."""
+    import torch
+
+    torch.manual_seed(args.seed)
+    if args.clock == "cpu":
+        torch.set_num_threads(1)  # CPU time of one compute thread: no spin-waiting of idle threads in it
+    return _build_tokenizer(args.vocab_size)
+
+
+def _clocks(sampler, cuda: bool) -> dict[str, float]:
+    """Both clocks now: wall (device synchronised on CUDA) and this process's CPU time less the sampler's."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    return {"wall": time.perf_counter(), "cpu": time.process_time() - sampler.cpu_seconds}
+
+
+def run_worker(args) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = _set_up_worker(args)
+    model = _build_model(args, tokenizer)
     cuda = args.device == "cuda"
     if cuda:
         model = model.to("cuda")
@@ -189,7 +215,7 @@ def run_worker(args) -> dict:
             kwargs[f"{role}_dataset"] = extra
     peft_config = None
     if args.mode == "lora":
-        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS)
 
     trainer = trainer_class(
         model,
@@ -203,17 +229,12 @@ def run_worker(args) -> dict:
     sampler = _RssSampler()
     times: dict[str, list[float]] = {"wall": [], "cpu": []}
 
-    def clocks() -> dict[str, float]:
-        if cuda:
-            torch.cuda.synchronize()
-        return {"wall": time.perf_counter(), "cpu": time.process_time() - sampler.cpu_seconds}
-
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_, **__):
-            self.start = clocks()
+            self.start = _clocks(sampler, cuda)
 
         def on_step_end(self, *_, **__):
-            for clock, now in clocks().items():
+            for clock, now in _clocks(sampler, cuda).items():
                 times[clock].append(now - self.start[clock])
 
     trainer.add_callback(StepTimer())
@@ -241,11 +262,87 @@ def run_worker(args) -> dict:
     }
 
 
+def _perturbed(model, seed: int, scale: float):
+    """A copy of `model` with Gaussian noise of relative size `scale` on every matrix (a stand-in fine-tuning or
+    alignment update, so that every delta a repair reads is non-zero)."""
+    import torch
+
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in other.parameters():
+            if param.dim() == 2:
+                noise = torch.randn(param.shape, generator=generator).to(param.device, param.dtype)
+                param.add_(scale * float(param.abs().mean()) * noise)
+    return other
+
+
+def run_post_hoc_worker(args) -> dict:
+    """One run of a training-free defense's repair (`DefenseSpec.post_hoc`) on the benchmark's model: the model is
+    the aligned one, the base model an older version of it, the input to repair a perturbed copy (`full`) or a LoRA
+    adapter with random factors (`lora`); calibration data are `batch_size × steps` rows. A repair that refuses the
+    mode (SafeLoRA and SafeMERGE take LoRA only) is recorded as refused with its message."""
+    import inspect
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from trl_safety.bench.runner import build_stage_config
+    from trl_safety.registry import get_defense
+
+    spec = get_defense(args.defense)
+    tokenizer = _set_up_worker(args)
+    cuda = args.device == "cuda"
+    aligned = _build_model(args, tokenizer).to(args.device)
+    base = _perturbed(aligned, args.seed + 1, 0.05)
+    if args.mode == "lora":
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False)  # B ≠ 0
+        model = get_peft_model(copy.deepcopy(aligned), lora)
+    else:
+        model = _perturbed(aligned, args.seed + 2, 0.05)
+    data = _dataset(args.batch_size * args.steps, args.seq_len, args.vocab_size, args.seed + 3)
+    output_dir = tempfile.mkdtemp(prefix="overhead-post-")
+    config = build_stage_config(
+        spec.config_class,
+        {"output_dir": output_dir, "max_length": args.seq_len},
+        BENCH_OVERRIDES.get(args.defense, {}),
+    )
+    kwargs = dict(
+        harmful_dataset=data, processing_class=tokenizer, base_model=base, aligned_model=aligned, output_dir=output_dir
+    )
+    if "alignment_dataset" in inspect.signature(spec.post_hoc).parameters:
+        kwargs["alignment_dataset"] = data
+    record = {"defense": args.defense, "mode": args.mode, "repeat": args.repeat, "clock": args.clock}
+    sampler = _RssSampler()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start_memory = torch.cuda.memory_allocated()
+    else:
+        start_memory = _RssSampler.rss()
+    try:
+        with sampler:
+            start = _clocks(sampler, cuda)
+            spec.post_hoc(model, config, **kwargs)
+            end = _clocks(sampler, cuda)
+    except (ValueError, NotImplementedError) as error:
+        return {**record, "refused": " ".join(str(error).split())}
+    peak = (torch.cuda.max_memory_allocated() if cuda else sampler.peak) - start_memory
+    seconds = {clock: end[clock] - start[clock] for clock in end}
+    return {
+        **record,
+        "repair_seconds": seconds[args.clock],
+        "repair_wall_seconds": seconds["wall"],
+        "repair_cpu_seconds": seconds["cpu"],
+        "peak_memory_bytes": peak,
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- driver side
-def _trainer_defenses() -> list[str]:
+def _registered(trainers: bool) -> list[str]:
+    """Registered defenses with a trainer (`trainers=True`) or with a training-free repair."""
     from trl_safety.registry import list_defenses
 
-    return [spec.name for spec in list_defenses() if spec.trainer_class is not None]
+    return [spec.name for spec in list_defenses() if (spec.trainer_class is not None) == trainers]
 
 
 def _run_config(args, defense: str, mode: str, repeat: int = 0) -> dict:
@@ -283,10 +380,11 @@ def _per_repeat(runs: list[dict]) -> dict[int, dict]:
     return {run.get("repeat", index): run for index, run in enumerate(runs)}
 
 
-def _spread(runs: list[dict], sft: list[dict], key: str) -> tuple[float, float] | None:
-    """min–max over repeats of (this repeat's value / SFT's value in the same repeat)."""
+def _spread(runs: list[dict], sft: list[dict], key: str, sft_key: str | None = None) -> tuple[float, float] | None:
+    """min–max over repeats of (this repeat's `key` / SFT's `sft_key` (default: the same key) in the same repeat)."""
     ours, theirs = _per_repeat(runs), _per_repeat(sft)
-    ratios = [ours[r][key] / theirs[r][key] for r in ours if r in theirs and theirs[r][key] > 0]
+    sft_key = sft_key or key
+    ratios = [ours[r][key] / theirs[r][sft_key] for r in ours if r in theirs and theirs[r][sft_key] > 0]
     return (round(min(ratios), 3), round(max(ratios), 3)) if ratios else None
 
 
@@ -320,10 +418,43 @@ def summarise(results: list[dict], defenses: list[str], modes: list[str]) -> lis
     return rows
 
 
-def _ratio_cell(ratio, spread) -> str:
+def summarise_post_hoc(results: list[dict], defenses: list[str], modes: list[str]) -> list[dict]:
+    """Per repair and mode: the median repair time over repeats and its cost in SFT steps of the same run (median
+    repair / SFT's median step, min–max over repeats paired by index), the peak memory against SFT training's."""
+    rows = []
+    for mode in modes:
+        sft = [r for r in results if r["defense"] == "sft" and r["mode"] == mode]
+        sft_time = statistics.median(r["step_seconds"] for r in sft)
+        sft_memory = statistics.median(r["peak_memory_bytes"] for r in sft)
+        for defense in defenses:
+            runs = [r for r in results if r["defense"] == defense and r["mode"] == mode]
+            refused = [r["refused"] for r in runs if "refused" in r]
+            if refused:
+                rows.append({"defense": defense, "mode": mode, "refused": refused[0], "repeats": len(runs)})
+                continue
+            seconds = statistics.median(r["repair_seconds"] for r in runs)
+            memory = statistics.median(r["peak_memory_bytes"] for r in runs)
+            rows.append(
+                {
+                    "defense": defense,
+                    "mode": mode,
+                    "repair_s": round(seconds, 3),
+                    "sft_steps": round(seconds / sft_time, 2),
+                    "sft_steps_spread": _spread(runs, sft, "repair_seconds", "step_seconds"),
+                    "memory_ratio": round(memory / sft_memory, 3) if sft_memory > 0 else None,
+                    "peak_memory_mb": round(memory / 2**20, 1),
+                    "sft_step_ms": round(sft_time * 1000, 2),
+                    "sft_peak_memory_mb": round(sft_memory / 2**20, 1),
+                    "repeats": len(runs),
+                }
+            )
+    return rows
+
+
+def _ratio_cell(ratio, spread, unit: str = "×") -> str:
     if ratio is None:
         return "n/a"
-    cell = f"{ratio:.2f}×"
+    cell = f"{ratio:.2f}{unit}"
     return f"{cell} ({spread[0]:.2f}–{spread[1]:.2f})" if spread else cell
 
 
@@ -343,11 +474,34 @@ def markdown_table(rows: list[dict], clock: str = "cpu") -> str:
     return "\n".join(lines)
 
 
+def markdown_post_hoc_table(rows: list[dict], clock: str = "cpu") -> str:
+    lines = [
+        f"| defense | mode | repair (s, {clock}) | in SFT steps (min–max) | peak mem (MB) | vs SFT training peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "refused" in r:
+            reason = r["refused"].split(". ")[0]
+            lines.append(f"| {r['defense']} | {r['mode']} | refused: {reason} | | | |")
+            continue
+        memory = f"{r['memory_ratio']:.2f}×" if r["memory_ratio"] is not None else "n/a"
+        lines.append(
+            f"| {r['defense']} | {r['mode']} | {r['repair_s']} | {_ratio_cell(r['sft_steps'], r['sft_steps_spread'], '')} "
+            f"| {r['peak_memory_mb']} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="overhead.json", help="JSON report path.")
     parser.add_argument("--markdown", default=None, help="Also write the table as markdown here.")
-    parser.add_argument("--defenses", nargs="*", default=None, help="Registry names (default: every trainer).")
+    parser.add_argument(
+        "--defenses",
+        nargs="*",
+        default=None,
+        help="Registry names (default: every registered defense; training-free repairs get their own table).",
+    )
     parser.add_argument("--modes", nargs="*", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--repeats", type=int, default=2, help="Subprocess runs per configuration.")
     parser.add_argument("--steps", type=int, default=12, help="Measured optimizer steps per run.")
@@ -393,9 +547,19 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
-        Path(args.result_file).write_text(json.dumps(run_worker(args)))
+        worker = (
+            run_worker if args.defense == "sft" or args.defense in _registered(trainers=True) else run_post_hoc_worker
+        )
+        Path(args.result_file).write_text(json.dumps(worker(args)))
         return {}
-    defenses = args.defenses if args.defenses is not None else _trainer_defenses()
+    trainers, repairs = _registered(trainers=True), _registered(trainers=False)
+    if args.defenses is not None:
+        unknown = sorted(set(args.defenses) - set(trainers) - set(repairs))
+        if unknown:
+            raise SystemExit(f"unknown defense(s) {unknown}; registered: {', '.join(trainers + repairs)}")
+        trainers = [d for d in trainers if d in args.defenses]
+        repairs = [d for d in repairs if d in args.defenses]
+    defenses = trainers + repairs
     configs = [(d, m) for m in args.modes for d in ["sft", *defenses]]
     results = []
     started = time.perf_counter()
@@ -406,10 +570,17 @@ def main(argv=None) -> dict:
             results.append(_run_config(args, defense, mode, repeat))
     config = {k: v for k, v in vars(args).items() if k not in ("worker", "defense", "mode", "result_file", "repeat")}
     config["load_average"] = os.getloadavg()  # at the end: what else ran on the machine meanwhile
-    rows = summarise(results, defenses, args.modes)
-    report = {"config": config, "wall_seconds": round(time.perf_counter() - started, 1), "rows": rows, "runs": results}
+    report = {
+        "config": config,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "rows": summarise(results, trainers, args.modes),
+        "post_hoc_rows": summarise_post_hoc(results, repairs, args.modes),
+        "runs": results,
+    }
     Path(args.output).write_text(json.dumps(report, indent=2))
     table = markdown_table(report["rows"], args.clock)
+    if report["post_hoc_rows"]:
+        table += "\n\n" + markdown_post_hoc_table(report["post_hoc_rows"], args.clock)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     print(table)

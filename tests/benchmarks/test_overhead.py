@@ -57,6 +57,24 @@ def test_spread_pairs_runs_by_their_repeat_index(overhead):
     assert row["time_ratio"] == pytest.approx(1.3)  # median(1.1, 1.5) / median(1.0, 1.0)
 
 
+def test_repairs_are_costed_in_sft_steps_of_the_same_run(overhead):
+    results = [
+        {**_run("sft", "full", 0.5, 100), "repeat": 0},
+        {**_run("sft", "full", 1.0, 300), "repeat": 1},
+        {"defense": "safe-delta", "mode": "full", "repeat": 0, "repair_seconds": 3.0, "peak_memory_bytes": 50},
+        {"defense": "safe-delta", "mode": "full", "repeat": 1, "repair_seconds": 4.0, "peak_memory_bytes": 150},
+        {"defense": "safemerge", "mode": "full", "repeat": 0, "refused": "SafeMERGE merges LoRA updates. Pass one."},
+    ]
+    delta, merge = overhead.summarise_post_hoc(results, ["safe-delta", "safemerge"], ["full"])
+    # median repair 3.5 s against SFT's median step 0.75 s; per repeat 3/0.5 and 4/1.0
+    assert delta["sft_steps"] == pytest.approx(round(3.5 / 0.75, 2)) and delta["sft_steps_spread"] == (4.0, 6.0)
+    assert delta["memory_ratio"] == pytest.approx(100 / 200) and delta["repeats"] == 2
+    assert merge == {"defense": "safemerge", "mode": "full", "refused": results[-1]["refused"], "repeats": 1}
+    table = overhead.markdown_post_hoc_table([delta, merge])
+    assert "| safe-delta | full | 3.5 | 4.67 (4.00–6.00) | 0.0 | 0.50× |" in table
+    assert "| safemerge | full | refused: SafeMERGE merges LoRA updates | | | |" in table
+
+
 def test_smollm2_architecture_sets_the_real_shapes(overhead):
     args = overhead.parse_args(["--arch", "smollm2", "--layers", "4"])
     shapes = (args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab_size, args.tie_embeddings)
@@ -123,3 +141,21 @@ def test_worker_writes_a_measurement(overhead, tmp_path):
     assert report["config"]["clock"] == run["clock"] == "cpu"
     assert run["step_seconds"] == run["step_cpu_seconds"] and run["step_wall_seconds"] > 0
     assert report["config"]["kv_heads"] == 2 and report["config"]["tie_embeddings"] is True
+
+
+def test_post_hoc_worker_times_the_repair_or_records_the_refusal(overhead, tmp_path):
+    """Real (tiny) repair runs: Safe Delta's time and memory are measured; SafeMERGE refuses a dense model."""
+    import subprocess
+
+    out = tmp_path / "report.json"
+    tiny = ["--layers", "1", "--hidden", "32", "--seq-len", "16", "--batch-size", "2", "--vocab-size", "64"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--output", str(out), "--modes", "full"]
+    command += ["--defenses", "safe-delta", "safemerge", "--repeats", "1", "--steps", "2", "--warmup", "1", *tiny]
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    report = json.loads(out.read_text())
+    runs = {run["defense"]: run for run in report["runs"]}
+    assert runs["safe-delta"]["repair_seconds"] == runs["safe-delta"]["repair_cpu_seconds"] > 0
+    assert runs["safe-delta"]["peak_memory_bytes"] >= 0 and "refused" not in runs["safe-delta"]
+    assert "LoRA" in runs["safemerge"]["refused"]
+    assert [row["defense"] for row in report["post_hoc_rows"]] == ["safe-delta", "safemerge"]
+    assert report["rows"] == []  # no trainer asked for
