@@ -388,14 +388,22 @@ def _spread(runs: list[dict], sft: list[dict], key: str, sft_key: str | None = N
     return (round(min(ratios), 3), round(max(ratios), 3)) if ratios else None
 
 
+def _sft_baseline(results: list[dict], mode: str) -> tuple[list[dict], float, float]:
+    """SFT's runs in `mode`, with their median step time and median peak memory."""
+    sft = [r for r in results if r["defense"] == "sft" and r["mode"] == mode]
+    return (
+        sft,
+        statistics.median(r["step_seconds"] for r in sft),
+        statistics.median(r["peak_memory_bytes"] for r in sft),
+    )
+
+
 def summarise(results: list[dict], defenses: list[str], modes: list[str]) -> list[dict]:
     """Median over repeats of each configuration, as ratios to SFT's medians in the same run, with the min–max of
     the per-repeat ratios (repeat r against SFT's repeat r) as the spread."""
     rows = []
     for mode in modes:
-        sft = [r for r in results if r["defense"] == "sft" and r["mode"] == mode]
-        sft_time = statistics.median(r["step_seconds"] for r in sft)
-        sft_memory = statistics.median(r["peak_memory_bytes"] for r in sft)
+        sft, sft_time, sft_memory = _sft_baseline(results, mode)
         for defense in defenses:
             runs = [r for r in results if r["defense"] == defense and r["mode"] == mode]
             step = statistics.median(r["step_seconds"] for r in runs)
@@ -423,9 +431,7 @@ def summarise_post_hoc(results: list[dict], defenses: list[str], modes: list[str
     repair / SFT's median step, min–max over repeats paired by index), the peak memory against SFT training's."""
     rows = []
     for mode in modes:
-        sft = [r for r in results if r["defense"] == "sft" and r["mode"] == mode]
-        sft_time = statistics.median(r["step_seconds"] for r in sft)
-        sft_memory = statistics.median(r["peak_memory_bytes"] for r in sft)
+        sft, sft_time, sft_memory = _sft_baseline(results, mode)
         for defense in defenses:
             runs = [r for r in results if r["defense"] == defense and r["mode"] == mode]
             refused = [r["refused"] for r in runs if "refused" in r]

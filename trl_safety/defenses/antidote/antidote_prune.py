@@ -272,25 +272,33 @@ def _is_main_process() -> bool:
     )
 
 
-def _load_harmful_dataset(harmful_dataset, config: AntidoteConfig):
-    """The calibration set, by name or as an object; `harmful_num_samples` selects the first rows of either."""
+def load_calibration_dataset(dataset, config, role: str, who: str, missing: str):
+    """A repair's calibration set, as an object or by its config's `<role>_dataset_name`; `<role>_num_samples`
+    selects the first rows of either. `missing`: the error message when neither is given."""
     from ...core.config import object_dataset_num_samples, select_num_samples
     from ...core.trainer import check_trl_format, load_named_role_dataset
 
-    if harmful_dataset is None:
-        if config.harmful_dataset_name is None:
-            raise ValueError(
-                "Antidote's Wanda scores need harmful calibration data: pass `harmful_dataset=` or set "
-                "`harmful_dataset_name` (a Hub id or a local file/folder). Without data, use "
-                "`variant='magnitude'` (|W| only)."
-            )
-        harmful_dataset = load_named_role_dataset(config, "harmful", config.harmful_dataset_name)
+    if dataset is None:
+        name = getattr(config, f"{role}_dataset_name")
+        if name is None:
+            raise ValueError(missing)
+        dataset = load_named_role_dataset(config, role, name)
     else:
-        check_trl_format(harmful_dataset, "harmful", config.dataset_text_field)
-        num_samples = object_dataset_num_samples(config, "harmful", len(harmful_dataset), "antidote_prune")
-        harmful_dataset = select_num_samples(harmful_dataset, "harmful", num_samples)
-    check_trl_format(harmful_dataset, "harmful", config.dataset_text_field)
-    return harmful_dataset
+        check_trl_format(dataset, role, config.dataset_text_field)
+        dataset = select_num_samples(dataset, role, object_dataset_num_samples(config, role, len(dataset), who))
+    check_trl_format(dataset, role, config.dataset_text_field)
+    return dataset
+
+
+def _load_harmful_dataset(harmful_dataset, config: AntidoteConfig):
+    return load_calibration_dataset(
+        harmful_dataset,
+        config,
+        "harmful",
+        "antidote_prune",
+        "Antidote's Wanda scores need harmful calibration data: pass `harmful_dataset=` or set "
+        "`harmful_dataset_name` (a Hub id or a local file/folder). Without data, use `variant='magnitude'` (|W| only).",
+    )
 
 
 def antidote_prune(

@@ -30,7 +30,12 @@ from torch import nn
 
 from ...core.config import check_defense_fields
 from ...core.layers import check_decoder_only, find_modules, get_decoder_layers, is_peft_model, unwrap_model
-from ..antidote.antidote_prune import _model_device, calibration_batches, tokenize_calibration_dataset
+from ..antidote.antidote_prune import (
+    _model_device,
+    calibration_batches,
+    load_calibration_dataset,
+    tokenize_calibration_dataset,
+)
 from ..safelora.safelora_project import _dense_weight, _is_lora_layer, _load_model
 from .safe_delta_config import SafeDeltaConfig
 
@@ -237,22 +242,14 @@ def _targets(model: nn.Module, config: SafeDeltaConfig) -> list[tuple[int, list[
 
 # ------------------------------------------------------------------------------------------------ the repair
 def _load_safety_dataset(safety_dataset, config: SafeDeltaConfig):
-    from ...core.config import object_dataset_num_samples, select_num_samples
-    from ...core.trainer import check_trl_format, load_named_role_dataset
-
-    if safety_dataset is None:
-        if config.alignment_dataset_name is None:
-            raise ValueError(
-                "Safe Delta's Hessians need safety calibration data (harmful prompt → safe answer): pass "
-                "`safety_dataset=` or set `alignment_dataset_name` (a Hub id or a local file/folder)."
-            )
-        safety_dataset = load_named_role_dataset(config, "alignment", config.alignment_dataset_name)
-    else:
-        check_trl_format(safety_dataset, "safety", config.dataset_text_field)
-        num_samples = object_dataset_num_samples(config, "alignment", len(safety_dataset), "safe_delta")
-        safety_dataset = select_num_samples(safety_dataset, "alignment", num_samples)
-    check_trl_format(safety_dataset, "safety", config.dataset_text_field)
-    return safety_dataset
+    return load_calibration_dataset(
+        safety_dataset,
+        config,
+        "alignment",
+        "safe_delta",
+        "Safe Delta's Hessians need safety calibration data (harmful prompt → safe answer): pass `safety_dataset=` "
+        "or set `alignment_dataset_name` (a Hub id or a local file/folder).",
+    )
 
 
 def _refuse_zero3(model: nn.Module, who: str) -> None:
