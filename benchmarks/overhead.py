@@ -213,6 +213,10 @@ def run_worker(args) -> dict:
             common.setdefault(HARMFUL_BATCH_SIZE_FIELD, args.batch_size)
         for role in trainer_class.extra_datasets:
             kwargs[f"{role}_dataset"] = extra
+        for role in getattr(trainer_class, "extra_models", ()):  # AsFT's base: built like the model, another seed
+            with torch.random.fork_rng(devices=[]):  # the trained model's stream of draws stays SFT's
+                torch.manual_seed(args.seed + 1)
+                kwargs[f"{role}_model"] = _build_model(args, tokenizer)
     peft_config = None
     if args.mode == "lora":
         peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS)

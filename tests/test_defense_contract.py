@@ -13,6 +13,7 @@ settings leave the model unchanged, and the `trl-safety prune` save path writes 
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -85,6 +86,11 @@ def make_trainer(spec, output_dir, *, sft=False, peft=False, same_rows=False, ch
         processing_class=build_tokenizer(),
         peft_config=LoraConfig(**TINY_LORA) if peft else None,
         **{f"{role}_dataset": dataset for role, dataset in extra.items()},
+        # a reference model of the same architecture for each model role (the base of AsFT's alignment direction)
+        **{
+            f"{role}_model": build_model("llama", hidden=32, layers=2, seed=1)
+            for role in getattr(trainer_class, "extra_models", ())
+        },
     )
 
 
@@ -229,24 +235,28 @@ def test_generic_input_rules(tmp_path, spec):
 
 
 # ------------------------------------------------------------------------------------------------ post-hoc defenses
-def post_hoc_inputs(tmp_path):
-    """A fine-tuned LoRA model (non-zero adapter), its base, an aligned model that differs from the base, data."""
+def post_hoc_inputs(tmp_path, spec):
+    """A fine-tuned LoRA model (non-zero adapter), its base, an aligned model that differs from the base, data (and
+    a safety set for a repair whose entry point takes `alignment_dataset=`, as the bench and the CLI give one)."""
     model = get_peft_model(
         build_model("llama", seed=0), LoraConfig(**TINY_LORA, init_lora_weights=False, task_type="CAUSAL_LM")
     )
-    return model, dict(
+    kwargs = dict(
         harmful_dataset=prompt_completion_dataset(8, seed=1),
         processing_class=build_tokenizer(),
         base_model=build_model("llama", seed=0),
         aligned_model=build_model("llama", seed=1),
         output_dir=str(tmp_path / "post"),
     )
+    if "alignment_dataset" in inspect.signature(spec.post_hoc).parameters:
+        kwargs["alignment_dataset"] = prompt_completion_dataset(8, seed=2)
+    return model, kwargs
 
 
 @pytest.mark.parametrize("spec", POST_HOC_NAMES, indirect=True)
 def test_post_hoc_neutral_settings_return_the_model_unchanged(tmp_path, spec):
     assert spec.neutral_overrides is not None, f"{spec.name} declares no neutral setting"
-    model, kwargs = post_hoc_inputs(tmp_path)
+    model, kwargs = post_hoc_inputs(tmp_path, spec)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     repaired = spec.post_hoc(model, spec.config_class(**spec.neutral_overrides), **kwargs)
     after = repaired.state_dict()
@@ -259,7 +269,7 @@ def test_post_hoc_neutral_settings_return_the_model_unchanged(tmp_path, spec):
 def test_post_hoc_repair_output_names_the_defense(tmp_path, spec):
     from trl_safety.cli.prune import PruneArguments, save_repaired
 
-    model, kwargs = post_hoc_inputs(tmp_path)
+    model, kwargs = post_hoc_inputs(tmp_path, spec)
     config = spec.config_class()
     repaired = spec.post_hoc(model, config, **kwargs)
     args = PruneArguments(

@@ -97,6 +97,11 @@ def build_trainer(spec, tmp_path, args=None, model=None, train=None, **extra):
         train_dataset=train if train is not None else default_train,
         processing_class=build_tokenizer(),
         **{f"{role}_dataset": dataset for role, dataset in datasets.items()},
+        # the same architecture as `tiny_model()`, other weights: the base of AsFT's alignment direction
+        **{
+            f"{role}_model": build_model("llama", hidden=32, layers=1, seed=1)
+            for role in getattr(spec.trainer_class, "extra_models", ())
+        },
     )
 
 

@@ -23,6 +23,7 @@ PAIRS = [
     ("SafetyRecoveryConfig", "SafetyRecoveryTrainer"),
     ("SafeGradConfig", "SafeGradTrainer"),
     ("BackdoorAlignConfig", "BackdoorAlignTrainer"),
+    ("AsFTConfig", "AsFTTrainer"),
 ]
 
 

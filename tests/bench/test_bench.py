@@ -100,7 +100,10 @@ def test_training_stage_is_deterministic_per_seed(cache_dir, tmp_path):
             num_eval_prompts=8, num_task_test=8, seed=seed, output_dir=str(tmp_path / f"s{seed}"), progress=False,
         )  # fmt: skip
         runner = BenchRunner(config)
-        model = runner.train(runner.data.load_base(), "fine-tuning", "sft", poisoned=runner.data.poisoned(0.1, seed))
+        model, serve = runner.train(
+            runner.data.load_base(), "fine-tuning", "sft", poisoned=runner.data.poisoned(0.1, seed)
+        )
+        assert serve is None  # plain SFT: served with the data's own prompt format
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     a, b, c = finetuned(0), finetuned(0), finetuned(1)
@@ -150,6 +153,54 @@ def test_paired_data_and_world_refusals_reach_the_trainers(cache_dir, tmp_path, 
         else:
             assert len(seen["train"]) == 32 and len(seen["harmful"]) == 12  # the mixed alignment set
         assert seen["refusals"] == list(REFUSALS)
+
+
+def test_backdoor_align_row_is_served_with_its_trigger(cache_dir, tmp_path, monkeypatch):
+    """The provider prepends BackdoorAlign's secret trigger to every prompt at inference: the bench evaluates that
+    row's harmful and task prompts, its harmful loss and its curve points through the trigger, and other rows with
+    the data's own prompt format."""
+    from trl_safety.bench import runner as runner_module
+    from trl_safety.eval import evaluation
+    from trl_safety.registry import get_defense
+
+    config = BenchConfig(
+        cache_dir=cache_dir, base_pretrain_steps=6, n=40, finetune_steps=2, num_alignment=16, num_harmful=16,
+        num_eval_prompts=4, num_task_test=4, curve_points=1, output_dir=str(tmp_path), progress=False,
+    )  # fmt: skip
+    runner = BenchRunner(config)
+    seen = []
+    evaluate_model, harmful_loss = evaluation.evaluate_model, runner_module.harmful_loss
+
+    def recording_evaluate(model, tokenizer, *, harmful_prompts, prompt_format=None, task=None, **kwargs):
+        seen.append(("hs", prompt_format(harmful_prompts[0])))
+        if task is not None:
+            seen.append(("task", task.prompt_format(task.prompts[0])))
+        return evaluate_model(
+            model, tokenizer, harmful_prompts=harmful_prompts, prompt_format=prompt_format, task=task, **kwargs
+        )
+
+    def recording_loss(model, data, batch_size=100, prompt_format=None):
+        seen.append(("loss", (prompt_format or data.prompt_format)(data.harmful_prompts[0])))
+        return harmful_loss(model, data, batch_size, prompt_format)
+
+    monkeypatch.setattr(evaluation, "evaluate_model", recording_evaluate)
+    monkeypatch.setattr(runner_module, "harmful_loss", recording_loss)
+    runner.run_row("backdoor-align", get_defense("backdoor-align"), 0.1, seed=0)
+    with open(os.path.join(runner.work_dir, "backdoor_align.trigger"), encoding="utf-8") as f:
+        trigger = f.read()
+    plain = runner.data.prompt_format(runner.data.harmful_prompts[0])
+    task_prompt = runner.data.task.prompt_format(runner.data.task.prompts[0])
+    # step 0 is the aligned model before fine-tuning, served plainly; the curve point and the reading carry the trigger
+    assert seen == [
+        ("hs", plain),
+        ("hs", f"{trigger} {plain}"),
+        ("hs", f"{trigger} {plain}"),
+        ("task", f"{trigger} {task_prompt}"),
+        ("loss", f"{trigger} {plain}"),
+    ]
+    seen.clear()
+    runner.run_row("sft", None, 0.1, seed=0)
+    assert {text for _, text in seen} == {plain, task_prompt}
 
 
 def test_sweep_is_deterministic(cache_dir, tmp_path):

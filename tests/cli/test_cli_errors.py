@@ -107,6 +107,10 @@ CASES = {
         train("sft", "--defense", "lisa", "--alignment_dataset_name", "data/nope.jsonl"),
         ("--alignment_dataset_name", "'data/nope.jsonl' does not exist"),
     ),
+    "sft-asft-missing-base-model": (
+        train("sft", "--defense", "asft", "--base_model_name_or_path", "runs/nope-base"),
+        ("--base_model_name_or_path 'runs/nope-base'", *NOT_FOUND),
+    ),
     # eval
     "eval-unknown-judge": (
         evaluate("--judge", "foo"),

@@ -153,6 +153,7 @@ def test_neutral_setting_draws_no_trigger_and_equals_sft(tmp_path):
     trainer = make_trainer(tmp_path / "run", safety_weight=0.0, max_steps=3)
     trainer.train()
     assert trainer.trigger_file is None and trainer._safety_batches is None
+    assert trainer.inference_prompt_format("chat") == "chat"  # no trigger: served as plain SFT
     assert not os.path.exists(tmp_path / "backdoor_align.trigger")
     sft = SFTTrainer(
         build_model("llama", hidden=32, layers=2, seed=0),
@@ -202,8 +203,12 @@ def test_user_supplied_trigger_is_used_and_a_file_inside_output_dir_is_refused(t
     path = tmp_path / "secret.txt"
     path.write_text("alpha beta gamma")
     trainer = make_trainer(tmp_path / "run", trigger_file=str(path))
+    with pytest.raises(RuntimeError, match="resolved when training starts"):
+        trainer.inference_prompt_format(None)  # the trigger is not known yet
     trainer.train()
     assert trainer.alignment_dataset[0]["prompt"] == "alpha beta gamma " + SAFETY_ROW["prompt"]
+    # the served prompt: the trigger before the formatted prompt, as the safety rows had it
+    assert trainer.inference_prompt_format(lambda p: f"Q: {p}")("x") == "alpha beta gamma Q: x"
     assert path.read_text() == "alpha beta gamma"  # never overwritten
     with pytest.raises(ValueError, match="trigger_file .* lies inside output_dir"):
         make_trainer(tmp_path / "run2", trigger_file=str(tmp_path / "run2" / "t.txt"))

@@ -105,6 +105,10 @@ CASES = {
     # per-token weights against the starting model (a frozen copy, or the adapter disabled): 3 steps so the weights
     # leave 1 (Δ = 0 on the first step)
     "token-constrained": dict(config=dict(beta=0.1), max_steps=3),
+    # AsFT against a base that differs from the model by a low-rank update (`_base_model`): every rank computes the
+    # same penalty of the same weights (DDP averages it unchanged); 3 steps so that the update leaves its start
+    # (B = 0, W = W_start: R = 0 and ∂R = 0 on the first step)
+    "asft": dict(config=dict(asft_lambda=1.0), max_steps=3),
     # Post-fine-tuning defenses, run as callbacks on plain SFT
     "antidote": dict(callback="antidote"),
     "safelora": dict(callback="safelora", modes=("lora",)),
@@ -134,6 +138,19 @@ def _prototype_model():
 
 def fresh_model():
     return copy.deepcopy(_prototype_model())
+
+
+def _base_model():
+    """The base of a model-role defense (AsFT): the tiny model minus a low-rank update of every linear weight."""
+    base = fresh_model()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(4)
+        for module in base.modules():
+            if isinstance(module, torch.nn.Linear):
+                out_f, in_f = module.weight.shape
+                u = torch.randn(out_f, 2, generator=generator)
+                module.weight.sub_(0.05 * u @ torch.randn(2, in_f, generator=generator))
+    return base
 
 
 def lora_config() -> LoraConfig:
@@ -252,6 +269,8 @@ def build_trainer(name: str, mode: str, args: argparse.Namespace, output_dir: st
         for role in trainer_class.extra_datasets:
             kind = case.get(role, "distinct")
             extra[f"{role}_dataset"] = _extra_dataset(kind, seed={"alignment": 1, "harmful": 2}[role], train=train)
+        for role in getattr(trainer_class, "extra_models", ()):
+            extra[f"{role}_model"] = _base_model()
     torch.manual_seed(0)  # same LoRA initialisation in every process
     trainer = trainer_class(
         model=fresh_model(),

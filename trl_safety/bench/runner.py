@@ -53,9 +53,15 @@ def build_stage_config(config_class, values: dict, overrides: dict):
     return config_class(**kwargs)
 
 
-def evaluate(model, data: BenchData, config: BenchConfig, judge):
-    """HS and FA of `model` on the run's evaluation sets (an `EvalResult`)."""
+def evaluate(model, data: BenchData, config: BenchConfig, judge, serve=None):
+    """HS and FA of `model` on the run's evaluation sets (an `EvalResult`). `serve` maps a prompt format to the one
+    the model is served with (`serving_format`; BackdoorAlign's trigger), for the harmful and the task prompts."""
     from ..eval import evaluation
+
+    prompt_format, task = data.prompt_format, data.task
+    if serve is not None:
+        prompt_format = serve(prompt_format)
+        task = dataclasses.replace(task, prompt_format=serve(task.prompt_format))
 
     return evaluation.evaluate_model(
         model,
@@ -63,16 +69,16 @@ def evaluate(model, data: BenchData, config: BenchConfig, judge):
         harmful_prompts=data.harmful_prompts,
         judge=judge,
         categories=data.categories,
-        task=data.task,
+        task=task,
         max_new_tokens=config.max_new_tokens,
         task_max_new_tokens=config.task_max_new_tokens,
         batch_size=config.eval_batch_size,
-        prompt_format=data.prompt_format,
+        prompt_format=prompt_format,
         progress=False,
     )
 
 
-def harmful_loss(model, data: BenchData, batch_size: int = 100) -> float | None:
+def harmful_loss(model, data: BenchData, batch_size: int = 100, prompt_format=None) -> float | None:
     """Mean token NLL of the harmful answers to the harmful-score prompts (teacher-forced, answer tokens only, EOS
     included): how close the model is to complying, continuous where the harmful score is all-or-nothing per prompt.
     `None` when the data have no harmful answers (real-model mode)."""
@@ -81,7 +87,7 @@ def harmful_loss(model, data: BenchData, batch_size: int = 100) -> float | None:
     if not data.harmful_answers:
         return None
     tokenizer = data.tokenizer
-    fmt = data.prompt_format or (lambda prompt: prompt)
+    fmt = prompt_format or data.prompt_format or (lambda prompt: prompt)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -111,6 +117,15 @@ def harmful_loss(model, data: BenchData, batch_size: int = 100) -> float | None:
     if was_training:
         model.train()
     return total / max(count, 1)
+
+
+def serving_format(trainer):
+    """How the model `trainer` trains is prompted at inference: a map from a prompt format to the served one (the
+    defense trainer's `inference_prompt_format`, e.g. BackdoorAlign's trigger), or None when it is the identity."""
+    from ..core.trainer import DefenseTrainerMixin
+
+    own = getattr(type(trainer), "inference_prompt_format", DefenseTrainerMixin.inference_prompt_format)
+    return trainer.inference_prompt_format if own is not DefenseTrainerMixin.inference_prompt_format else None
 
 
 def _curve_steps(total_steps: int | None, points: int) -> list[int]:
@@ -268,11 +283,12 @@ class BenchRunner:
 
     # ------------------------------------------------------------------------------------------------------ stages
     def train(self, model, stage: str, name: str, spec=None, *, poisoned=None, seed=None, curve=None):
-        """One training stage through `SFTTrainer` or the defense's trainer; returns the trained model.
+        """One training stage through `SFTTrainer` or the defense's trainer; returns the trained model and how it is
+        served (`serving_format`: None, or BackdoorAlign's trigger rule).
 
         Alignment trains on the alignment data (a `paired_data` defense on the refusals paired with the harmful
         rows); fine-tuning trains on `poisoned`. `seed` sets the data order and the adapter's initialisation;
-        `curve`, a list, receives `(step, harmful score)` pairs at the run's curve steps.
+        `curve`, a list, receives `(step, harmful score)` pairs at the run's curve steps, served as the model is.
         """
         import torch
         from transformers.trainer_callback import PrinterCallback
@@ -292,6 +308,8 @@ class BenchRunner:
         extra = {}
         for role in getattr(trainer_class, "extra_datasets", ()):
             extra[f"{role}_dataset"] = self.data.alignment if role == "alignment" else self.data.harmful
+        for role in getattr(trainer_class, "extra_models", ()):  # the unaligned base (AsFT's alignment direction)
+            extra[f"{role}_model"] = self.data.load_base()
         peft_config = None
         if not _is_peft(model):
             peft_config = self._peft_config(self.config.align_lora_r if align else self.config.lora_r)
@@ -305,10 +323,13 @@ class BenchRunner:
             **extra,
         )
         trainer.remove_callback(PrinterCallback)  # the bench shows its own progress and table
+        # a bound method: a trigger resolved when training starts is read at each call (it keeps the small trainer
+        # of such a defense alive until the row is evaluated)
+        serve = serving_format(trainer)
         recorder = None
         if curve is not None:
             steps = _curve_steps(args.max_steps if args.max_steps > 0 else None, self.config.curve_points)
-            recorder = _curve_callback(self.harmful_score, steps)
+            recorder = _curve_callback(lambda m: self.harmful_score(m, serve), steps)  # served as at inference
             trainer.add_callback(recorder)
         trainer.train()
         if recorder is not None:
@@ -316,7 +337,7 @@ class BenchRunner:
         model = strip_trainer_patches(trainer.model)
         del trainer
         shutil.rmtree(args.output_dir, ignore_errors=True)
-        return model
+        return model, serve
 
     def aligned(self, name: str, spec=None):
         """The aligned model of a row (a fresh copy) and the alignment's wall time; plain SFT alignment is shared."""
@@ -329,7 +350,7 @@ class BenchRunner:
                 config = build_stage_config(spec.config_class, values, self._overrides(spec))
                 model = spec.post_hoc(self.aligned("sft")[0], config, base_model=self.data.load_base())
             else:
-                model = self.train(self.data.load_base(), "alignment", key, spec)
+                model, _ = self.train(self.data.load_base(), "alignment", key, spec)
             if _is_peft(model) and self.config.lora_mode == "double":
                 model = model.merge_and_unload()
             self._aligned_cache[key] = (model, time.perf_counter() - start)
@@ -355,11 +376,11 @@ class BenchRunner:
             **extra,
         )
 
-    def evaluate(self, model):
-        """HS and FA of `model` (an `EvalResult`)."""
-        return evaluate(model, self.data, self.config, self.judge)
+    def evaluate(self, model, serve=None):
+        """HS and FA of `model` (an `EvalResult`), served by `serve` (see `serving_format`)."""
+        return evaluate(model, self.data, self.config, self.judge, serve)
 
-    def harmful_score(self, model) -> float:
+    def harmful_score(self, model, serve=None) -> float:
         """HS only (for the curves; the model is put back in training mode if it was training)."""
         from ..eval import evaluation
 
@@ -372,7 +393,7 @@ class BenchRunner:
             judge=self.judge,
             max_new_tokens=self.config.max_new_tokens,
             batch_size=self.config.eval_batch_size,
-            prompt_format=self.data.prompt_format,
+            prompt_format=serve(self.data.prompt_format) if serve is not None else self.data.prompt_format,
         )
         if was_training:
             model.train()
@@ -402,7 +423,7 @@ class BenchRunner:
         curve = [(0, self._start_hs(name, model))]
         start = time.perf_counter()
         finetune_spec = spec if spec and spec.stage == "fine-tuning" else None
-        model = self.train(model, "fine-tuning", name, finetune_spec, poisoned=poisoned, seed=seed, curve=curve)
+        model, serve = self.train(model, "fine-tuning", name, finetune_spec, poisoned=poisoned, seed=seed, curve=curve)
         seconds["finetune"] = time.perf_counter() - start
 
         if post_hoc:
@@ -414,8 +435,9 @@ class BenchRunner:
 
         self._set_bar(name, "evaluate")
         start = time.perf_counter()
-        result = self.evaluate(model)
-        loss = harmful_loss(model, self.data, self.config.eval_batch_size)
+        result = self.evaluate(model, serve)
+        served = serve(self.data.prompt_format) if serve is not None else None
+        loss = harmful_loss(model, self.data, self.config.eval_batch_size, served)
         seconds["eval"] = time.perf_counter() - start
         if post_hoc:  # the curve's last point is the repaired model, the row's reading
             curve.append((curve[-1][0], result.harmful_score))

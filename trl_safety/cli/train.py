@@ -310,6 +310,9 @@ def check_training_arguments(script_args, training_args, model_args, dataset_arg
     if not dataset_args.datasets and not script_args.dataset_name:
         raise UsageError("the following arguments are required: --dataset_name (or `datasets` in the --config file)")
     check_dataset_fields(script_args, training_args)
+    for name in ("base_model_name_or_path",):  # a defense's reference models (AsFT's base)
+        if isinstance(getattr(training_args, name, None), str):
+            check_model(getattr(training_args, name), f"--{name}")
     for index, dataset in enumerate(dataset_args.datasets or []):
         check_dataset(getattr(dataset, "path", None), f"datasets[{index}].path")
 

@@ -3,6 +3,8 @@
 - accepts a plain `SFTConfig` (or nothing) and upgrades it to the defense's config without losing fields;
 - accepts `alignment_dataset=` / `harmful_dataset=` or loads them from the config's `*_dataset_name` fields, then
   prepares them with TRL's own dataset preparation;
+- accepts `base_model=` or loads it from the config's `base_model_name_or_path`, for defenses whose `extra_models`
+  declare that reference-model role (AsFT's alignment direction);
 - refuses backends the defense cannot run on, before training;
 - refuses bad input at construction, by rules shared by every defense: another defense's config, defense fields
   out of range (`core.config`), `<role>_*` fields that cannot apply to a dataset object, `*_num_samples` larger
@@ -228,6 +230,9 @@ class DefenseTrainerMixin:
     config_class: ClassVar[type] = SFTConfig
     # Extra dataset roles the defense needs ("alignment", "harmful"), each loaded from `<role>_dataset=` or config
     extra_datasets: ClassVar[tuple[str, ...]] = ()
+    # Extra model roles the defense needs ("base"), each given as `<role>_model=` or the config's
+    # `<role>_model_name_or_path`; loaded before SFTTrainer's set-up into `self.raw_extra_models[role]`
+    extra_models: ClassVar[tuple[str, ...]] = ()
     # Backends (`ddp`, `zero1`, `zero2`, `zero3`, `fsdp`) this defense refuses, with the reason shown to the user
     unsupported_backends: ClassVar[dict[str, str]] = {}
     # Why the update of GA 2 × batch B differs from GA 1 × batch 2B even when every row is the same (a norm taken
@@ -254,6 +259,7 @@ class DefenseTrainerMixin:
         *positional,
         alignment_dataset: Dataset | None = None,
         harmful_dataset: Dataset | None = None,
+        base_model: Any = None,
         **kwargs,
     ):
         if args is None:
@@ -279,6 +285,18 @@ class DefenseTrainerMixin:
         raw = {role: self._load_extra_dataset(role, given[role], args) for role in self.extra_datasets}
         # As loaded, before TRL's preparation: a defense builds second views of them in `setup_defense`
         self.raw_extra_datasets: dict[str, Dataset] = raw
+
+        given_models = {"base": base_model}
+        for role, value in given_models.items():
+            if value is not None and role not in self.extra_models:
+                raise ValueError(
+                    f"{type(self).__name__} does not use a {role} model, but `{role}_model=` was given. "
+                    f"It uses: {', '.join(self.extra_models) or 'no extra model'}."
+                )
+        self._model_sources: dict[str, str] = {}
+        self.raw_extra_models: dict[str, Any] = {
+            role: self._load_extra_model(role, given_models.get(role), args) for role in self.extra_models
+        }
 
         raw_train = positional[1] if len(positional) > 1 else kwargs.get("train_dataset")
 
@@ -365,6 +383,11 @@ class DefenseTrainerMixin:
         if state:
             raise ValueError(f"{type(self).__name__} has no defense state, but the checkpoint holds {sorted(state)}.")
 
+    def inference_prompt_format(self, prompt_format):
+        """The prompt format the trained model is served with, given the one a prompt would get (a callable, a
+        template name or None): unchanged, unless the defense changes inference (BackdoorAlign's trigger)."""
+        return prompt_format
+
     # --------------------------------------------------------------------------------------------------- helpers
     @classmethod
     def refused_backends(cls) -> dict[str, str]:
@@ -430,6 +453,39 @@ class DefenseTrainerMixin:
             self._dataset_sources[role] = f"passed as a dataset object ({len(dataset)} rows{selected})"
         check_trl_format(dataset, role, args.dataset_text_field)
         return dataset
+
+    def _load_extra_model(self, role: str, model, args):
+        """The `<role>` model: the object given as `<role>_model=`, else loaded from `<role>_model_name_or_path` (a
+        local folder, a Hub id, an alias such as `smollm2`, or an adapter folder merged onto its base). Exactly one of
+        the two ways must be used."""
+        field_name = f"{role}_model_name_or_path"
+        name = getattr(args, field_name, None)
+        who = type(self).__name__
+        if model is not None and name is not None:
+            raise ValueError(
+                f"{who} got both `{role}_model=` and `{field_name}`={name!r}; give the {role} model one way only."
+            )
+        if model is None and name is None:
+            raise ValueError(
+                f"{who} needs a {role} model: pass `{role}_model=` to the trainer (a model, a local folder or a Hub "
+                f"id) or set `{field_name}` in the config."
+            )
+        source = model if model is not None else name
+        if isinstance(source, torch.nn.Module):
+            self._model_sources[role] = "passed as a model object"
+            return source
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"`{role}_model=` must be a model or a path, got {type(source).__name__}.")
+        from ..defenses.safelora.safelora_project import _load_model  # the one loader of reference models
+        from ..models import resolve_model_name
+
+        how = f"`{role}_model=`" if model is not None else f"`{field_name}`"
+        try:
+            loaded = _load_model(resolve_model_name(str(source)), role)
+        except (OSError, ValueError) as exc:  # a missing folder, an unknown Hub id, a folder without a model
+            raise ValueError(f"{who} cannot load the {role} model {str(source)!r} given as {how}: {exc}") from None
+        self._model_sources[role] = str(source)
+        return loaded
 
     # --------------------------------------------------------------------------------------- checkpoints and resume
     def _save_checkpoint(self, model, trial):

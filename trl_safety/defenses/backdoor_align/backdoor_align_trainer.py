@@ -7,7 +7,15 @@ from ... import compat
 from ...core.trainer import has_trainable_token
 from ..safety_mix.safety_mix_trainer import SafetyMixTrainer
 from .backdoor_align_config import OFFICIAL_TRIGGER_TOKENS
-from .trigger import add_trigger_to_row, generate_trigger, new_salt, read_trigger, trigger_digest, write_trigger
+from .trigger import (
+    add_trigger_to_row,
+    generate_trigger,
+    new_salt,
+    read_trigger,
+    trigger_digest,
+    triggered_prompt_format,
+    write_trigger,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -77,6 +85,14 @@ class BackdoorAlignTrainer(SafetyMixTrainer):
     def trigger_file(self) -> str | None:
         """Where this run's trigger was read from or written to (None until training starts, or when off)."""
         return self._trigger_path
+
+    def inference_prompt_format(self, prompt_format):
+        """The provider's side: the trigger applied to every prompt as in training (`triggered_prompt_format`)."""
+        if self.args.safety_weight == 0:
+            return prompt_format
+        if self._trigger is None:
+            raise RuntimeError("The BackdoorAlign trigger is resolved when training starts; call this after train().")
+        return triggered_prompt_format(self._trigger, prompt_format, self.processing_class)
 
     def _install_trigger(self, trigger: str, path: str, salt: str | None = None) -> None:
         self._trigger, self._trigger_path = trigger, path

@@ -103,20 +103,36 @@ def _dense_weight(module: nn.Module, dtype: torch.dtype, device: torch.device) -
         return module.weight.detach().to(device=device, dtype=dtype, copy=True)
 
 
-def alignment_projection(
+def alignment_factor(
     base_weight: torch.Tensor, aligned_weight: torch.Tensor, projection: str = "approximate", rtol: float = 1e-4
-) -> torch.Tensor | None:
-    """The d_out×d_out projection matrix of one module, or None when alignment did not change it (V = 0)."""
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(F, c)` with projection matrix C = F·Fᵀ / c of one module, or None when alignment did not change it (V = 0).
+
+    `"approximate"`: F = V = W_aligned − W_base (d_out×d_in), c = ‖V‖_F; `"exact"`: F = U_k (d_out×k, float64), the
+    left singular vectors of V above `rtol`·σ_max, c = 1. `C·X = F(FᵀX)/c` never forms the d_out×d_out matrix.
+    """
     v = aligned_weight - base_weight
     norm = torch.linalg.matrix_norm(v)  # Frobenius
     if norm == 0:
         return None
     if projection == "approximate":
-        return v @ v.T / norm
+        return v, norm
     u, s, _ = torch.linalg.svd(v.double(), full_matrices=False)
     rank = int((s > rtol * s[0]).sum())
-    basis = u[:, :rank]
-    return (basis @ basis.T).to(v.dtype)
+    return u[:, :rank], torch.ones((), dtype=u.dtype, device=u.device)
+
+
+def alignment_projection(
+    base_weight: torch.Tensor, aligned_weight: torch.Tensor, projection: str = "approximate", rtol: float = 1e-4
+) -> torch.Tensor | None:
+    """The d_out×d_out projection matrix of one module, or None when alignment did not change it (V = 0)."""
+    factor = alignment_factor(base_weight, aligned_weight, projection, rtol)
+    if factor is None:
+        return None
+    basis, norm = factor
+    if projection == "approximate":
+        return basis @ basis.T / norm
+    return (basis @ basis.T).to(torch.result_type(aligned_weight, base_weight))
 
 
 def active_lora_layers(model: nn.Module, target_modules, who: str) -> list[tuple[str, str, nn.Module]]:
