@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -101,3 +102,87 @@ def gradient_checkpointing_disabled(layers: Sequence[nn.Module]) -> Iterator[Non
         for layer, flag in zip(layers, previous):
             if flag is not None:
                 layer.gradient_checkpointing = flag
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook to end a calibration forward once the module it waits for has run."""
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the device of its input embeddings (of its first parameter without them)."""
+    from .layers import unwrap_model
+
+    base = unwrap_model(model)
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if embeddings is not None and hasattr(embeddings, "weight"):
+        return embeddings.weight.device
+    return next(base.parameters()).device
+
+
+@torch.no_grad()
+def input_statistics(
+    model: nn.Module,
+    modules: Sequence[nn.Module],
+    batches: Iterable[dict[str, torch.Tensor]],
+    statistic: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    stop_after: nn.Module | None = None,
+) -> tuple[list[torch.Tensor], int, int]:
+    """Σ over the batches of `statistic(x, mask)` for each module's input `x` (the calibration statistics of the
+    post-hoc repairs: Antidote's feature norms, Safe Delta's Hessians), from no-grad forwards in eval mode.
+
+    `mask` is the batch's attention mask (None without one): the statistic leaves the padding out itself. The hooks
+    are always removed and every module's training flag restored; `stop_after` (a module) ends each forward once it
+    has run, since later layers are not needed. Returns the sums, the number of sequences and of (unpadded) tokens;
+    a module that never ran, or no batch at all, is an error.
+    """
+    from .layers import unwrap_model
+
+    sums: list[torch.Tensor | None] = [None] * len(modules)
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def make_hook(index: int):
+        def hook(_module, inputs, _output):
+            value = statistic(inputs[0].detach(), current["mask"])
+            sums[index] = value if sums[index] is None else sums[index] + value
+
+        return hook
+
+    def stop(_module, _inputs, _output):
+        raise _StopForward
+
+    forward_kwargs = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(type(unwrap_model(model)).forward).parameters:
+        forward_kwargs["logits_to_keep"] = 1  # only the hooks' statistics matter, not the (B, T, V) logits
+    device = input_device(model)
+    training_flags = {module: module.training for module in model.modules()}
+    handles = [module.register_forward_hook(make_hook(i)) for i, module in enumerate(modules)]
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(stop))
+    num_samples = num_tokens = 0
+    try:
+        model.eval()
+        for batch in batches:
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch.get("attention_mask")
+            attention_mask = attention_mask.to(device) if attention_mask is not None else None
+            current["mask"] = attention_mask
+            try:
+                model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+            except _StopForward:
+                pass
+            num_samples += input_ids.shape[0]
+            num_tokens += int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training_flags.items():
+            module.training = flag
+    if num_samples == 0:
+        raise ValueError("The calibration pass saw no sample.")
+    for index, total in enumerate(sums):
+        if total is None:
+            raise RuntimeError(
+                f"Module #{index} ({type(modules[index]).__name__}) never ran during the calibration forward, so it "
+                "has no input statistics. Check `target_modules` and that the adapter is active."
+            )
+    return sums, num_samples, num_tokens

@@ -16,7 +16,6 @@ also works on current transformers (rotary embeddings) and under DeepSpeed ZeRO-
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from torch import nn
 
 from ...core.config import check_defense_fields
 from ...core.distributed import gathered
+from ...core.hooks import input_statistics
 from ...core.layers import check_decoder_only, find_modules, unwrap_model
 from .antidote_config import AntidoteConfig
 
@@ -185,15 +185,6 @@ def calibration_batches(
         yield {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    base = unwrap_model(model)
-    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    if embeddings is not None and hasattr(embeddings, "weight"):
-        return embeddings.weight.device
-    return next(base.parameters()).device
-
-
-@torch.no_grad()
 def input_feature_norms(
     model: nn.Module, modules: Sequence[nn.Module], batches: Iterable[dict[str, torch.Tensor]]
 ) -> tuple[list[torch.Tensor], int, int]:
@@ -203,54 +194,15 @@ def input_feature_norms(
     over samples of the per-sample token sum); padding positions are left out. Returns the norms (float32, one
     vector per module), N and the number of tokens seen.
     """
-    sums: list[torch.Tensor | None] = [None] * len(modules)
-    current: dict[str, torch.Tensor | None] = {"mask": None}
 
-    def make_hook(index: int):
-        def hook(_module, inputs, _output):
-            x = inputs[0].detach().float()
-            mask = current["mask"]
-            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                x = x * mask.unsqueeze(-1).to(x.dtype)
-            squares = x.pow(2).reshape(-1, x.shape[-1]).sum(dim=0).double()
-            sums[index] = squares if sums[index] is None else sums[index] + squares
+    def squares(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x.float()
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x * mask.unsqueeze(-1).to(x.dtype)
+        return x.pow(2).reshape(-1, x.shape[-1]).sum(dim=0).double()
 
-        return hook
-
-    base = unwrap_model(model)
-    forward_kwargs = {"use_cache": False}
-    if "logits_to_keep" in inspect.signature(type(base).forward).parameters:
-        forward_kwargs["logits_to_keep"] = 1  # only the hooks' statistics matter, not the (B, T, V) logits
-    device = _model_device(model)
-    training_flags = {module: module.training for module in model.modules()}
-    handles = [module.register_forward_hook(make_hook(i)) for i, module in enumerate(modules)]
-    num_samples = num_tokens = 0
-    try:
-        model.eval()
-        for batch in batches:
-            input_ids = batch["input_ids"].to(device)
-            attention_mask = batch.get("attention_mask")
-            attention_mask = attention_mask.to(device) if attention_mask is not None else None
-            current["mask"] = attention_mask
-            model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
-            num_samples += input_ids.shape[0]
-            num_tokens += int(attention_mask.sum()) if attention_mask is not None else input_ids.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, flag in training_flags.items():
-            module.training = flag
-    if num_samples == 0:
-        raise ValueError("The calibration pass saw no sample.")
-    norms = []
-    for index, total in enumerate(sums):
-        if total is None:
-            raise RuntimeError(
-                f"Scored module #{index} ({type(modules[index]).__name__}) never ran during the calibration forward, "
-                "so it has no activation statistics. Check `target_modules` and that the adapter is active."
-            )
-        norms.append(torch.sqrt(total / num_samples).float())
-    return norms, num_samples, num_tokens
+    sums, num_samples, num_tokens = input_statistics(model, modules, batches, squares)
+    return [torch.sqrt(total / num_samples).float() for total in sums], num_samples, num_tokens
 
 
 # ------------------------------------------------------------------------------------------------------ masks

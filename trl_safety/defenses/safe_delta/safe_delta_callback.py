@@ -6,9 +6,10 @@ from transformers import TrainerCallback
 
 from ...compat import strip_fused_lm_head
 from ...core.distributed import refuse_sharded_weights
+from ...core.hooks import input_device
 from ...core.layers import is_peft_model, unwrap_model
 from .safe_delta_config import SafeDeltaConfig
-from .safe_delta_select import _load_safety_dataset, _model_device, _refuse_zero3, safe_delta
+from .safe_delta_select import _load_safety_dataset, _refuse_zero3, safe_delta
 
 
 class SafeDeltaCallback(TrainerCallback):
@@ -70,7 +71,7 @@ class SafeDeltaCallback(TrainerCallback):
             raise ValueError("SafeDeltaCallback needs the model in the callback arguments (transformers passes it).")
         aligned = self.aligned_model
         if aligned is None and self._start is not None:
-            aligned = self._start.to(_model_device(model))
+            aligned = self._start.to(input_device(model))
         safe_delta(
             unwrap_model(model),
             self.safety_dataset,

@@ -18,7 +18,6 @@ Every other parameter takes its aligned value (the official code's choice) or ke
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -29,13 +28,9 @@ import torch
 from torch import nn
 
 from ...core.config import check_defense_fields
+from ...core.hooks import input_device, input_statistics
 from ...core.layers import check_decoder_only, find_modules, get_decoder_layers, is_peft_model, unwrap_model
-from ..antidote.antidote_prune import (
-    _model_device,
-    calibration_batches,
-    load_calibration_dataset,
-    tokenize_calibration_dataset,
-)
+from ..antidote.antidote_prune import calibration_batches, load_calibration_dataset, tokenize_calibration_dataset
 from ..safelora.safelora_project import _dense_weight, _is_lora_layer, _load_model
 from .safe_delta_config import SafeDeltaConfig
 
@@ -133,7 +128,6 @@ def safe_delta_matrix(
 
 
 # ------------------------------------------------------------------------------------------------ Hessians
-@torch.no_grad()
 def input_hessians(
     model: nn.Module, modules: Sequence[nn.Module], batches: Iterable[dict[str, torch.Tensor]], stop_after=None
 ) -> tuple[list[torch.Tensor], int]:
@@ -141,65 +135,16 @@ def input_hessians(
 
     `stop_after` (a module): the forward is cut once it has run, since later layers are not needed.
     """
-    sums: list[torch.Tensor | None] = [None] * len(modules)
-    current: dict[str, torch.Tensor | None] = {"mask": None}
 
-    class _Stop(Exception):
-        pass
+    def outer(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x[mask.bool()]
+        x = x.reshape(-1, x.shape[-1])
+        return x.T @ x
 
-    def make_hook(index: int):
-        def hook(_module, inputs, _output):
-            x = inputs[0].detach()
-            x = x.to(torch.promote_types(x.dtype, torch.float32))
-            mask = current["mask"]
-            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-                x = x[mask.bool()]
-            x = x.reshape(-1, x.shape[-1])
-            outer = x.T @ x
-            sums[index] = outer if sums[index] is None else sums[index] + outer
-
-        return hook
-
-    def stop(_module, _inputs, _output):
-        raise _Stop
-
-    base = unwrap_model(model)
-    forward_kwargs = {"use_cache": False}
-    if "logits_to_keep" in inspect.signature(type(base).forward).parameters:
-        forward_kwargs["logits_to_keep"] = 1
-    device = _model_device(model)
-    training_flags = {module: module.training for module in model.modules()}
-    handles = [module.register_forward_hook(make_hook(i)) for i, module in enumerate(modules)]
-    if stop_after is not None:
-        handles.append(stop_after.register_forward_hook(stop))
-    num_samples = 0
-    try:
-        model.eval()
-        for batch in batches:
-            input_ids = batch["input_ids"].to(device)
-            attention_mask = batch.get("attention_mask")
-            attention_mask = attention_mask.to(device) if attention_mask is not None else None
-            current["mask"] = attention_mask
-            try:
-                model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
-            except _Stop:
-                pass
-            num_samples += input_ids.shape[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, flag in training_flags.items():
-            module.training = flag
-    if num_samples == 0:
-        raise ValueError("Safe Delta's calibration pass saw no sample.")
-    hessians = []
-    for index, total in enumerate(sums):
-        if total is None:
-            raise RuntimeError(
-                f"Target module #{index} never ran during the calibration forward; check target_modules."
-            )
-        hessians.append(total * (2.0 / num_samples))
-    return hessians, num_samples
+    sums, num_samples, _ = input_statistics(model, modules, batches, outer, stop_after=stop_after)
+    return [total * (2.0 / num_samples) for total in sums], num_samples
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -324,7 +269,7 @@ def safe_delta(
                 "as the alignment-adapter folder, which is merged onto its base."
             )
         if loaded:
-            aligned = aligned.to(_model_device(model))
+            aligned = aligned.to(input_device(model))
         aligned_modules = dict(unwrap_model(aligned).named_modules())
         calibration_model, adapter_off = aligned, None
     elif peft:
