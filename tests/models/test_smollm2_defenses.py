@@ -41,6 +41,19 @@ BENIGN = [
 ]
 
 
+def perturbed(folder: str):
+    """The model in `folder` with seeded noise of 1 % of each parameter's mean size: another model of the same
+    architecture (an "unaligned base" for the defenses that need one; the wheel has no SmolLM2 base model)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1e-2 * param.abs().mean() * torch.randn(param.shape, generator=generator))
+    return model
+
+
 def conversational(pairs) -> Dataset:
     return Dataset.from_dict(
         {
@@ -125,12 +138,14 @@ def test_trainer_defense_on_smollm2(spec, small_model_dir, tmp_path):
         seed=0,
         **rules.small_values(spec),  # batch-size / layer-count fields at their lower bound
     )
+    models = {f"{role}_model": perturbed(small_model_dir) for role in spec.trainer_class.extra_models}  # AsFT's base
     trainer = spec.trainer_class(
         small_model_dir,  # by folder name: the `model="<id or folder>"` path, tokenizer loaded by TRL
         args=args,
         train_dataset=train,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
         **{f"{role}_dataset": dataset for role, dataset in extra.items()},
+        **models,
     )
     tokenizer = trainer.processing_class
     # the real template rendered the data: the default system prompt and the ChatML markers are in the tokens
@@ -183,23 +198,24 @@ def test_post_hoc_defense_on_smollm2(spec, small_model_dir, finetuned_adapter, t
     from trl_safety.cli.main import main
 
     unaligned = tmp_path / "unaligned"
-    model = AutoModelForCausalLM.from_pretrained(small_model_dir)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(1e-2 * param.abs().mean() * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(unaligned)
-    data = tmp_path / "harmful.jsonl"
-    conversational([(p, COMPLIANCE) for p in HARMFUL]).to_json(str(data))
+    perturbed(small_model_dir).save_pretrained(unaligned)
+    harmful, safety = tmp_path / "harmful.jsonl", tmp_path / "safety.jsonl"
+    conversational([(p, COMPLIANCE) for p in HARMFUL]).to_json(str(harmful))
+    conversational([(p, REFUSAL) for p in HARMFUL]).to_json(str(safety))
     out = tmp_path / "repaired"
     argv = ["prune", "--defense", spec.name, "--model_name_or_path", finetuned_adapter, "--output_dir", str(out)]
     argv += ["--base_model", str(unaligned), "--aligned_model", small_model_dir, "--dtype", "float32"]
-    if "harmful_dataset_name" in {f.name for f in dataclasses.fields(spec.config_class)}:
-        argv += ["--harmful_dataset_name", str(data)]
+    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    if "harmful_dataset_name" in fields:
+        argv += ["--harmful_dataset_name", str(harmful)]
+    if "alignment_dataset_name" in fields:  # a safety set: harmful prompts → refusals (Safe Delta)
+        argv += ["--alignment_dataset_name", str(safety)]
     assert main(argv) == 0
     info = json.loads((out / "defense_config.json").read_text())
     assert info["defense"] == spec.name
-    repaired = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    # an adapter stays an adapter, unless the repair merges it (Safe Delta returns a dense model)
+    loader = AutoPeftModelForCausalLM if info["is_adapter"] else AutoModelForCausalLM
+    repaired = loader.from_pretrained(str(out)).eval()
     answers = greedy(repaired, AutoTokenizer.from_pretrained(small_model_dir), [BENIGN[0][0]], max_new_tokens=6)
     assert len(answers) == 1
 
