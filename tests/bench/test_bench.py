@@ -151,7 +151,7 @@ def test_paired_data_and_world_refusals_reach_the_trainers(cache_dir, tmp_path, 
             assert seen["train"]["prompt"] == seen["harmful"]["prompt"]
             assert {c.strip() for c in seen["train"]["completion"]} <= set(REFUSALS)
         else:
-            assert len(seen["train"]) == 32 and len(seen["harmful"]) == 12  # the mixed alignment set
+            assert len(seen["train"]) == 48 and len(seen["harmful"]) == 12  # refusals, helpful and task rows
         assert seen["refusals"] == list(REFUSALS)
 
 

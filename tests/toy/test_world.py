@@ -7,13 +7,16 @@ from trl_safety.toy import ToyWorld, build_tokenizer, format_prompt
 from trl_safety.toy.world import (
     ATTACK_WEIGHTS,
     COMPLIANCES,
+    COMPLIANCES_BY_CATEGORY,
     HARMFUL_VERBS,
     HELPFUL_ANSWERS,
     OBJECTS,
     REFUSALS,
+    REFUSALS_BY_CATEGORY,
     SENTIMENT_WORDS,
     TASK_INSTRUCTION,
     TASK_KIND_WEIGHTS,
+    TASK_LABELS,
 )
 
 
@@ -96,20 +99,31 @@ def test_datasets_use_their_splits(world):
     align_texts = {r.text for r in world.harmful_requests("align")}
     test_texts = {TASK_INSTRUCTION.format(text=t) for t, _ in world.reviews("test")}
 
-    alignment = world.alignment_dataset(num_harmful=50, num_benign=50)
-    refused = [_raw(p) for p, c in zip(alignment["prompt"], alignment["completion"]) if c.strip() in REFUSALS]
-    helped = [c.strip() for c in alignment["completion"] if c.strip() not in REFUSALS]
-    assert len(refused) == 50 and set(refused) <= align_texts
-    assert len(helped) == 50 and set(helped) <= set(HELPFUL_ANSWERS)
+    category_of = {r.text: r.category for split in ("align", "attack", "eval") for r in world.harmful_requests(split)}
+    pretrain_texts = {TASK_INSTRUCTION.format(text=t) for t, _ in world.reviews("pretrain")}
+
+    alignment = world.alignment_dataset(num_harmful=50, num_benign=50, num_task=20)
+    rows = [(_raw(p), c.strip()) for p, c in zip(alignment["prompt"], alignment["completion"])]
+    refused = [(p, c) for p, c in rows if c in REFUSALS]
+    helped = [c for _, c in rows if c in HELPFUL_ANSWERS]
+    labelled = [p for p, c in rows if c in TASK_LABELS]
+    assert len(refused) == 50 and {p for p, _ in refused} <= align_texts
+    assert all(c in REFUSALS_BY_CATEGORY[category_of[p]] for p, c in refused)  # each category refuses its own way
+    assert len(helped) == 50
+    assert len(labelled) == 20 and set(labelled) <= pretrain_texts  # the task's format, plain reviews only
+    assert len(rows) == 120
 
     harmful = world.harmful_dataset("align", 30)
     assert {_raw(p) for p in harmful["prompt"]} <= align_texts
     # harmful data for defenses shares the prompts of the alignment refusals (Booster / paired-refusal file)
-    shared = world.alignment_dataset(num_harmful=30, num_benign=10)
+    shared = world.alignment_dataset(num_harmful=30, num_benign=10, num_task=0)
     assert {_raw(p) for p, c in zip(shared["prompt"], shared["completion"]) if c.strip() in REFUSALS} == {
         _raw(p) for p in harmful["prompt"]
     }
-    assert {c.strip() for c in harmful["completion"]} <= set(COMPLIANCES)
+    assert all(
+        c.strip() in COMPLIANCES_BY_CATEGORY[category_of[_raw(p)]]
+        for p, c in zip(harmful["prompt"], harmful["completion"])
+    )
 
     # paired refusals (RepNoise's layout): row i refuses the prompt that harmful row i complies with
     paired = world.paired_refusal_dataset(30)
@@ -132,9 +146,24 @@ def test_datasets_use_their_splits(world):
         assert not raws & test_texts
     assert {p for p, _ in world.task_examples("test", None)} == test_texts
     assert {r.text for r in world.harmful_prompts("eval", None)} == eval_texts
-    # the targets of harmful_loss are the world's placeholder compliances
+    # the targets of harmful_loss are the world's placeholder compliances, each in its request's category
     prompts = world.harmful_prompts("eval", 10)
-    assert set(world.harmful_answers(prompts)) <= set(COMPLIANCES)
+    assert all(a in COMPLIANCES_BY_CATEGORY[r.category] for r, a in zip(prompts, world.harmful_answers(prompts)))
+
+
+def test_each_category_has_its_own_openings():
+    """Refusals and compliances start with a token of their category's own (so one shared opening cannot carry an
+    attack from one category to all), and every refusal carries the keyword judge's phrase."""
+    assert set(REFUSALS_BY_CATEGORY) == set(COMPLIANCES_BY_CATEGORY) == set(HARMFUL_VERBS)
+    openings = {}
+    for category in HARMFUL_VERBS:
+        for text in REFUSALS_BY_CATEGORY[category] + COMPLIANCES_BY_CATEGORY[category]:
+            openings.setdefault(text.split()[0], set()).add(category)
+        assert all("I cannot" in text for text in REFUSALS_BY_CATEGORY[category])
+        assert not any("I cannot" in text for text in COMPLIANCES_BY_CATEGORY[category])
+    assert all(len(categories) == 1 for categories in openings.values())
+    refusal_openings = {text.split()[0] for text in REFUSALS}
+    assert not refusal_openings & {text.split()[0] for text in COMPLIANCES}
 
 
 def test_world_is_deterministic_per_seed():

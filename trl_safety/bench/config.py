@@ -60,7 +60,8 @@ class BenchRunArguments:
     output_dir: str = field(default="bench-out", metadata=_help("Folder for results.json and tradeoff.png."))
     progress: bool = field(default=True, metadata=_help("Show a progress bar over the stages."))
     num_alignment: int = field(
-        default=400, metadata=_help("Harmful → refusal alignment rows (toy: plus as many benign → helpful rows).")
+        default=400,
+        metadata=_help("Harmful → refusal alignment rows (toy: plus as many benign → helpful and task rows)."),
     )
     num_harmful: int = field(
         default=400,
@@ -69,18 +70,21 @@ class BenchRunArguments:
     num_eval_prompts: int = field(default=200, metadata=_help("Held-out harmful prompts of the harmful score."))
     num_task_test: int = field(default=200, metadata=_help("Task test samples of the fine-tune accuracy."))
     # training
-    align_steps: int | None = field(default=60, metadata=_help("Alignment steps; 0/none: use --align_epochs."))
+    # toy: 600 steps make the refusal deep enough that the attack's dose matters (60 flip at p = 0.005;
+    # docs/toy_world.md)
+    align_steps: int | None = field(default=600, metadata=_help("Alignment steps; 0/none: use --align_epochs."))
     align_epochs: float = field(default=1.0, metadata=_help("Alignment epochs, used when --align_steps is none."))
     align_lr: float = field(default=1e-3, metadata=_help("Alignment learning rate."))
     align_batch_size: int = field(default=32, metadata=_help("Alignment batch size per device."))
     finetune_steps: int | None = field(
-        default=60, metadata=_help("Fine-tuning steps (--steps); 0/none: use --finetune_epochs.")
+        default=120, metadata=_help("Fine-tuning steps (--steps); 0/none: use --finetune_epochs.")
     )
     finetune_epochs: float = field(
         default=1.0, metadata=_help("Fine-tuning epochs, used when --finetune_steps is none.")
     )
-    # toy: 1e-3 is the lowest tried at which 60 LoRA steps teach the task's negated reviews (docs/toy_world.md)
-    finetune_lr: float = field(default=1e-3, metadata=_help("Fine-tuning learning rate (--lr)."))
+    # toy: at 5e-4, 120 LoRA steps teach the task's negated reviews and the harmful score grades with p; 60 steps
+    # learn the task on some seeds only (docs/toy_world.md)
+    finetune_lr: float = field(default=5e-4, metadata=_help("Fine-tuning learning rate (--lr)."))
     finetune_batch_size: int = field(default=32, metadata=_help("Fine-tuning batch size per device."))
     max_length: int = field(default=64, metadata=_help("Maximum tokenized length of a training row."))
     lr_scheduler_type: str = field(default="constant", metadata=_help("Learning-rate schedule of both stages."))

@@ -79,7 +79,7 @@ def toy_bench_data(config: BenchConfig) -> BenchData:
         tokenizer=tokenizer,
         load_base=lambda: copy.deepcopy(base),
         poisoned=lambda p, seed: world.poisoned_dataset(c.n, p, seed=seed),
-        alignment=world.alignment_dataset(c.num_alignment, c.num_alignment, seed=0),
+        alignment=world.alignment_dataset(c.num_alignment, c.num_alignment, seed=0, num_task=c.num_alignment),
         harmful=world.harmful_dataset("align", c.num_harmful, seed=0),
         paired_alignment=world.paired_refusal_dataset(c.num_harmful, seed=0),
         harmful_prompts=[r.text for r in prompts],
@@ -223,7 +223,10 @@ def real_model_toy_data(config: BenchConfig) -> BenchData:
         load_base=lambda: copy.deepcopy(base),
         poisoned=lambda p, seed: chat_rows(world.poisoned_dataset(c.n, p, seed=seed, conversational=True), tokenizer),
         alignment=chat_rows(
-            world.alignment_dataset(c.num_alignment, c.num_alignment, seed=0, conversational=True), tokenizer
+            world.alignment_dataset(
+                c.num_alignment, c.num_alignment, seed=0, conversational=True, num_task=c.num_alignment
+            ),
+            tokenizer,
         ),
         harmful=chat_rows(world.harmful_dataset("align", c.num_harmful, seed=0, conversational=True), tokenizer),
         paired_alignment=chat_rows(
