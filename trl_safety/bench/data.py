@@ -63,6 +63,12 @@ def toy_recipe(config: BenchConfig):
     return recipe
 
 
+def toy_alignment(world, config: BenchConfig, conversational: bool = False):
+    """The toy world's alignment set of a run: `num_alignment` refusals, as many helpful answers and task rows."""
+    n = config.num_alignment
+    return world.alignment_dataset(n, n, seed=0, conversational=conversational, num_task=n)
+
+
 def toy_bench_data(config: BenchConfig) -> BenchData:
     from ..eval import TaskSet
     from ..toy.model import load_base_model
@@ -79,7 +85,7 @@ def toy_bench_data(config: BenchConfig) -> BenchData:
         tokenizer=tokenizer,
         load_base=lambda: copy.deepcopy(base),
         poisoned=lambda p, seed: world.poisoned_dataset(c.n, p, seed=seed),
-        alignment=world.alignment_dataset(c.num_alignment, c.num_alignment, seed=0, num_task=c.num_alignment),
+        alignment=toy_alignment(world, c),
         harmful=world.harmful_dataset("align", c.num_harmful, seed=0),
         paired_alignment=world.paired_refusal_dataset(c.num_harmful, seed=0),
         harmful_prompts=[r.text for r in prompts],
@@ -222,12 +228,7 @@ def real_model_toy_data(config: BenchConfig) -> BenchData:
         tokenizer=tokenizer,
         load_base=lambda: copy.deepcopy(base),
         poisoned=lambda p, seed: chat_rows(world.poisoned_dataset(c.n, p, seed=seed, conversational=True), tokenizer),
-        alignment=chat_rows(
-            world.alignment_dataset(
-                c.num_alignment, c.num_alignment, seed=0, conversational=True, num_task=c.num_alignment
-            ),
-            tokenizer,
-        ),
+        alignment=chat_rows(toy_alignment(world, c, conversational=True), tokenizer),
         harmful=chat_rows(world.harmful_dataset("align", c.num_harmful, seed=0, conversational=True), tokenizer),
         paired_alignment=chat_rows(
             world.paired_refusal_dataset(c.num_harmful, seed=0, conversational=True), tokenizer
